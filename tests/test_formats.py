@@ -19,6 +19,8 @@ from apps.bolt.formats import (
     split_latent_generation,
 )
 from lingua.args import ConfigError
+from lingua.data import BadRecord, DataArgs, build_data_iterator, get_format, registered_formats
+from lingua.io import write_jsonl
 from lingua.tokenizer import TokenizerArgs, build_tokenizer, train_tokenizer
 
 RECORD = {
@@ -148,8 +150,8 @@ def test_fallback_or_clear_error(name, record):
 
 
 def test_raw_and_pure_fields():
-    assert fmt("raw", record={"content": "old style"}) == "old style"
-    with pytest.raises(LayoutError, match="no 'text'"):
+    assert fmt("raw", record={"content": "old style"}, text_key="content") == "old style"
+    with pytest.raises(LayoutError, match="no string field 'text'"):
         fmt("raw", record={"id": 3})
     wrap = {"text": "orig", "latent": "paraphrase"}
     assert fmt("pure", record=wrap) == "paraphrase"
@@ -238,3 +240,32 @@ def test_eval_prompts_math_style(byte_tok):
 def test_split_latent_generation():
     assert split_latent_generation(f"2+2=4.{EOL} The final answer is 4.") == ("2+2=4.", " The final answer is 4.")
     assert split_latent_generation("no thought closed") == (None, "no thought closed")
+
+
+# ------------------------------------------------------------------------ core pipeline hook
+
+
+def test_layouts_registered_with_core():
+    assert {"raw", "prior", "posterior", "random", "pure"} <= set(registered_formats())
+    assert get_format("prior")(RECORD, np.random.default_rng(0)) == EXPECTED["prior"]
+    assert issubclass(LayoutError, BadRecord)  # the pipeline counts and skips, never crashes
+
+
+def test_pipeline_loss_mask_excludes_latents(tmp_path, byte_tok):
+    """Through the real data pipeline: with latent_loss off, exactly the document-text target
+    tokens count in the loss; BOS/EOS are the core's business."""
+    write_jsonl(tmp_path / "src" / "part.00.jsonl", [RECORD])
+    n = len(EXPECTED_IDS["random"]) + 2  # BOS + doc + EOS fits one window
+    args = DataArgs(root_dir=str(tmp_path), sources={"src": 1.0}, batch_size=1, seq_len=n - 1, seed=0,
+                    shuffle_buffer=0, prefetch=False)
+    fn = make_layout("random", latent_loss=False)
+    batch, _ = next(build_data_iterator(args, byte_tok, rank=0, world_size=1, format_fn=fn))
+    target = batch["target"][0].tolist()
+    counted = [t for t, m in zip(target, batch["loss_mask"][0].tolist()) if m]
+    # The formatter stream (seed + 2, rank, world) = (2, 0, 1) draws prior, then posterior here.
+    assert target == [*EXPECTED_IDS["random"], byte_tok.eos_id]
+    assert [t for t in counted if t != byte_tok.eos_id] == ids("A1.") + ids(" B2.")
+    # The same layout through data.format with default options counts everything.
+    args.format = "random"
+    batch, _ = next(build_data_iterator(args, byte_tok, rank=0, world_size=1))
+    assert bool(batch["loss_mask"].all())

@@ -9,7 +9,7 @@ Special tokens (exact strings, in this id order): ``<|START_OF_LATENT|>`` (SOL),
 Latent dataset record schema (one JSON object per line)::
 
     {
-      "text": str,                 # the raw document; "content" is accepted instead (reference)
+      "text": str,                 # the raw document (field name: LayoutArgs.text_key)
       "chunks": [                  # in document order; the suffixes concatenate to "text" exactly
         {"suffix": str,            # this chunk's text
          "latent": str,            # its latent thought (may be "")
@@ -25,7 +25,8 @@ Latent dataset record schema (one JSON object per line)::
 WRAP-style records (whole-document rewrites) carry a top-level ``"latent"`` string instead of
 ``chunks``; only the ``pure`` layout reads it.
 
-Training layouts (``LayoutArgs.name``; reference name in brackets):
+Training layouts (``LayoutArgs.name``, registered with the core data pipeline as
+``data.format=<name>`` on import; reference name in brackets):
 
 * ``raw`` [null]: the document text.
 * ``prior`` [prior_only]: per chunk ``SOL{latent}EOL{suffix}`` (no PRIOR token, as in the reference).
@@ -46,9 +47,13 @@ that falls back to raw consumes no coin draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from functools import partial
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
+from lingua.args import from_dict
+from lingua.data.formatting import BadRecord, FormatOutput, Formatter, register_format
 
 SOL = "<|START_OF_LATENT|>"
 EOL = "<|END_OF_LATENT|>"
@@ -60,12 +65,11 @@ SPECIAL_TOKENS: tuple[str, ...] = (SOL, EOL, PRIOR, POST)
 LAYOUTS = ("raw", "prior", "posterior", "random", "pure")
 
 Spans = list[tuple[str, bool]]
-Formatted = Union[str, Spans]
-Formatter = Callable[[dict, np.random.Generator], Formatted]
 
 
-class LayoutError(ValueError):
-    """A record cannot be laid out (no chunks, no latent) and ``fall_back_to_raw`` is off."""
+class LayoutError(BadRecord):
+    """A record cannot be laid out (no chunks, no latent) and ``fall_back_to_raw`` is off.
+    The data pipeline counts and skips such records (fatal under ``data.strict``)."""
 
 
 @dataclass
@@ -83,6 +87,8 @@ class LayoutArgs:
     on the document text only, with thoughts as context (new; the reference always counts them)."""
     pure_separator: str = "\n\n"
     """``pure`` layout: the string between chunk latents when there is no ``latent`` field."""
+    text_key: str = "text"
+    """Record field holding the raw document (the pipeline passes ``data.text_key``)."""
 
     def validate(self) -> None:
         if self.name not in LAYOUTS:
@@ -98,12 +104,11 @@ class LayoutArgs:
 # the thoughts; the document text (suffixes, raw text) is the only non-latent part.
 
 
-def raw_text(record: dict) -> str:
-    """The document text of a record (``text``, or ``content`` as in the reference)."""
-    for key in ("text", "content"):
-        if isinstance(record.get(key), str):
-            return record[key]
-    raise LayoutError(f"record {_record_id(record)} has no 'text' (or 'content') string")
+def raw_text(record: dict, text_key: str = "text") -> str:
+    """The raw document of a record."""
+    if isinstance(record.get(text_key), str):
+        return record[text_key]
+    raise LayoutError(f"record {_record_id(record)} has no string field {text_key!r}")
 
 
 def _record_id(record: dict) -> str:
@@ -135,7 +140,7 @@ def posterior_parts(latent: str, suffix: str, marker: bool = True) -> Spans:
 def layout_parts(record: dict, rng: np.random.Generator, args: LayoutArgs) -> Spans:
     """The (text, is_latent) parts of one record under ``args`` (draws from ``rng`` as documented)."""
     if args.name == "raw" or (args.mix_in_raw_ratio > 0.0 and rng.random() < args.mix_in_raw_ratio):
-        return [(raw_text(record), False)]
+        return [(raw_text(record, args.text_key), False)]
     if args.name == "pure":
         if isinstance(record.get("latent"), str):
             return [(record["latent"], True)]
@@ -146,7 +151,7 @@ def layout_parts(record: dict, rng: np.random.Generator, args: LayoutArgs) -> Sp
         chunks = _chunks(record)
     if chunks is None:
         if args.fall_back_to_raw:
-            return [(raw_text(record), False)]
+            return [(raw_text(record, args.text_key), False)]
         what = "a 'latent' field or chunks" if args.name == "pure" else "chunks"
         raise LayoutError(
             f"record {_record_id(record)}: layout {args.name!r} needs {what} with string 'suffix' and "
@@ -187,11 +192,9 @@ def make_layout(name: str = "random", **options: Any) -> Formatter:
     off; span borders always fall on special tokens, so tokenizing span by span gives the same
     ids as tokenizing the joined text.
     """
-    from lingua.args import from_dict
-
     args = from_dict(LayoutArgs, {"name": name, **options}, where=f"layout {name!r}")
 
-    def formatter(record: dict, rng: np.random.Generator) -> Formatted:
+    def formatter(record: dict, rng: np.random.Generator) -> FormatOutput:
         parts = layout_parts(record, rng, args)
         if args.latent_loss:
             return "".join(text for text, _ in parts)
@@ -201,12 +204,17 @@ def make_layout(name: str = "random", **options: Any) -> Formatter:
     return formatter
 
 
-def register_layouts() -> None:
-    """Register every layout with the core data pipeline (idempotent)."""
-    from lingua.data import register_format
+_FACTORIES = {name: partial(make_layout, name) for name in LAYOUTS}
 
-    for name in LAYOUTS:
-        register_format(name, lambda _name=name, **options: make_layout(_name, **options))
+
+def register_layouts() -> None:
+    """Register every layout with the core data pipeline as ``data.format=<name>`` (idempotent;
+    done when this module is imported)."""
+    for name, factory in _FACTORIES.items():
+        register_format(name, factory)
+
+
+register_layouts()
 
 
 # ------------------------------------------------------------------------------------- E-step
