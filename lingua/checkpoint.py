@@ -1,0 +1,261 @@
+"""Training checkpoints: one folder per step, written so that a crash never leaves a folder that
+looks usable.
+
+``<run>/checkpoints/<step:010d>/`` holds
+
+* the model and optimizer state through ``torch.distributed.checkpoint`` (``.metadata`` and
+  ``__<rank>_0.distcp`` shards; any world size can load them, DCP reshards);
+* ``train_state.json``: step, data positions per data shard, RNG states per rank, schedule,
+  tokens seen (gathered on rank 0, so one file describes the whole run);
+* ``config.yaml`` (the resolved run config) and ``params.json`` (the model arguments);
+* ``COMPLETE``, written last, after every rank has finished writing.
+
+Resuming picks the newest folder with the marker; folders without it are debris from a killed
+write and are ignored (and removed by the next cleanup). Cleanup keeps the newest ``keep``
+complete folders plus the steps listed in ``keep_steps``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from lingua.distributed import DistEnv, barrier
+from lingua.io import atomic_write_json, atomic_write_text, is_done, mark_done
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.json"
+CONFIG = "config.yaml"
+PARAMS = "params.json"
+# Test hook: seconds to sleep after the shards and train state are written but before the
+# COMPLETE marker, so a test can kill the process in the middle of a checkpoint write.
+PAUSE_ENV = "LINGUA_TEST_CKPT_PAUSE"
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 1000
+    """Save every N optimizer steps (0: only at the end). The final step is always saved."""
+    keep: int = 2
+    """Keep the newest k complete checkpoints (0: keep all)."""
+    keep_steps: list[int] = field(default_factory=list)
+    """Steps never removed by cleanup, on top of the newest ``keep``."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in the run folder when there is one."""
+    init_ckpt_path: str = ""
+    """Consolidated folder (``lingua.consolidated``) whose weights start a fresh run, e.g. an
+    imported TinyLlama. Ignored when resuming: the run's own checkpoint wins."""
+    consolidate: bool = True
+    """At the end, also write ``checkpoints/<final step>/consolidated/`` for inference/export."""
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep < 0:
+            raise ValueError(f"every and keep must be >= 0, got every={self.every} keep={self.keep}")
+
+
+def step_folder(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"{step:010d}"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """(step, folder) pairs sorted by step; by default only folders with the COMPLETE marker."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name.isdigit() and (is_done(p) or not complete_only):
+            out.append((int(p.name), p))
+    return out
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------
+# RNG states (JSON-able)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU and CUDA) generator states, as JSON."""
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(pystate), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = b64(torch.cuda.get_rng_state())
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    version, pystate, gauss = state["python"]
+    random.setstate((version, tuple(pystate), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# ------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the step folders of one run. Every rank calls ``save`` and
+    ``load`` (DCP is collective); rank 0 alone writes the JSON/YAML files and the marker."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, args: CheckpointArgs, env: DistEnv):
+        self.dir = Path(ckpt_dir)
+        self.args = args
+        self.env = env
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.dir) if self.args.resume else None
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_state: dict[str, Any],
+        config_yaml: str,
+        model_params: dict[str, Any],
+    ) -> Path:
+        folder = step_folder(self.dir, step)
+        t0 = time.perf_counter()
+        if self.env.is_main:
+            if folder.exists():  # debris of an interrupted write of this very step
+                logger.warning("removing incomplete checkpoint folder %s", folder)
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        if self.env.is_main:
+            atomic_write_json(folder / TRAIN_STATE, train_state)
+            atomic_write_text(folder / CONFIG, config_yaml)
+            atomic_write_json(folder / PARAMS, model_params)
+            pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+            if pause > 0:
+                logger.warning("%s: sleeping %.1fs before the COMPLETE marker", PAUSE_ENV, pause)
+                time.sleep(pause)
+        barrier()
+        if self.env.is_main:
+            mark_done(folder, {"step": step})
+            self.cleanup()
+        barrier()
+        logger.info("saved checkpoint %s in %.2fs", folder, time.perf_counter() - t0)
+        return folder
+
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model and optimizer in place from ``folder``; return its train state."""
+        if not is_done(folder):
+            raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        logger.info("resumed model and optimizer from %s", folder)
+        return json.loads((folder / TRAIN_STATE).read_text())
+
+    def cleanup(self) -> list[Path]:
+        """Remove complete folders beyond the newest ``keep`` (except ``keep_steps``) and
+        incomplete folders older than the newest complete one. Returns what was removed."""
+        complete = list_checkpoints(self.dir)
+        if not complete:
+            return []
+        newest = complete[-1][0]
+        keep = {s for s, _ in complete[-self.args.keep :]} if self.args.keep else {s for s, _ in complete}
+        keep |= set(self.args.keep_steps)
+        removed = []
+        for s, p in list_checkpoints(self.dir, complete_only=False):
+            stale_debris = not is_done(p) and s < newest
+            if stale_debris or (is_done(p) and s not in keep):
+                shutil.rmtree(p)
+                removed.append(p)
+        if removed:
+            logger.info("checkpoint cleanup removed %s", ", ".join(p.name for p in removed))
+        return removed
+
+
+# ------------------------------------------------------------------------------------------
+# consolidated checkpoints (single folder, plain state dict) for inference, export and init
+
+
+def consolidate(step_dir: str | os.PathLike, tokenizer: Any = None, out_dir: str | os.PathLike | None = None) -> Path:
+    """Turn the DCP shards of ``step_dir`` into a ``lingua.consolidated`` folder (default
+    ``step_dir/consolidated``). Runs in one process, whatever world size wrote the shards. The
+    tokenizer defaults to the run folder's copy (``<run>/tokenizer``)."""
+    from lingua.args import from_dict
+    from lingua.consolidated import load_tokenizer, save_consolidated
+    from lingua.transformer import Transformer, TransformerArgs
+
+    step_dir = Path(step_dir)
+    if not is_done(step_dir):
+        raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker)")
+    out = Path(out_dir) if out_dir is not None else step_dir / "consolidated"
+    if tokenizer is None:
+        tokenizer = load_tokenizer(step_dir.parent.parent)
+    margs = from_dict(TransformerArgs, json.loads((step_dir / PARAMS).read_text()), str(step_dir / PARAMS))
+    model = Transformer(margs)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    train_state = json.loads((step_dir / TRAIN_STATE).read_text())
+    save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
+    logger.info("consolidated %s -> %s", step_dir, out)
+    return out
+
+
+def load_init_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the weights of the consolidated folder ``path`` into ``model`` (sharded or not).
+    Shape mismatches (e.g. a vocabulary that does not match the tokenizer) are an error that
+    names every offending tensor."""
+    from lingua.consolidated import load_consolidated
+
+    src, _ = load_consolidated(path, device="cpu")
+    full = src.state_dict()
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k}: missing in {path}" for k in own if k not in full]
+    problems += [f"{k}: unexpected in {path}" for k in full if k not in own]
+    problems += [
+        f"{k}: {tuple(full[k].shape)} in {path} vs {own[k]} in the model"
+        for k in own
+        if k in full and tuple(full[k].shape) != own[k]
+    ]
+    if problems:
+        raise ValueError(f"init checkpoint {path} does not fit the model config:\n  " + "\n  ".join(problems))
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    logger.info("initialised weights from %s", path)

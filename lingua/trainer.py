@@ -1,0 +1,418 @@
+"""The training loop every stage uses (warmstart, M-step, baselines): ``train(cfg)``.
+
+One optimizer step = ``grad_acc_steps`` micro-batches from each of the ``data_shards`` data
+streams (a rank reads ``data_shards / world_size`` of them), so the global batch is
+``data.batch_size * data_shards * grad_acc_steps`` sequences of ``data.seq_len`` tokens.
+
+Loss: the mean cross-entropy over every position whose ``loss_mask`` is True, across all
+micro-batches and ranks of the step. Each micro-batch contributes ``sum(CE) / N_step`` with
+``N_step`` the global count of loss positions, gradients are summed across ranks, so the gradient
+is exactly that of the token mean, whatever the split into micro-batches and processes.
+(The reference averaged per-micro-batch means, which weights tokens unevenly once masks differ.)
+
+Gradient clipping runs once per optimizer step, on the accumulated gradient. The reference
+clipped after every micro-step's backward, i.e. it clipped partial sums, so the effective
+update depended on ``grad_acc_steps``; FSDP gradient sync is also skipped until the last
+micro-step here.
+
+Run folder (``dump_dir``): ``config.yaml`` (resolved config, written before any work),
+``metrics.jsonl``, ``train.log``, ``tokenizer/`` (a copy), ``checkpoints/<step:010d>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lingua import distributed as D
+from lingua.args import ConfigError, dump_config, to_dict
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, capture_rng, consolidate, load_init_checkpoint, restore_rng
+from lingua.data import DataArgs
+from lingua.distributed import DistributedArgs
+from lingua.io import atomic_write_json
+from lingua.logger import Progress, close_logger, init_logger
+from lingua.metrics import LoggingArgs, MetricLogger, memory_stats, mfu, peak_flops, truncate_metrics
+from lingua.optim import OptimArgs, build_optimizer, lr_at, set_lr
+from lingua.tokenizer import TokenizerArgs, build_tokenizer
+from lingua.transformer import TransformerArgs, build_model, flops_per_token
+
+logger = logging.getLogger(__name__)
+
+EvalHook = Callable[[torch.nn.Module, int, Path], dict]
+"""``(model, step, run_dir) -> {metric: value}``; called on every rank (hooks may use
+collectives); rank 0's result is logged, keys without a "/" get an ``eval/`` prefix."""
+
+_EVAL_HOOKS: dict[str, EvalHook] = {}
+
+
+def register_eval_hook(name: str, hook: EvalHook, *, replace: bool = False) -> None:
+    """Make ``hook`` selectable by name from the ``evals`` list of a training config."""
+    if name in _EVAL_HOOKS and not replace:
+        raise ValueError(f"eval hook {name!r} is already registered")
+    _EVAL_HOOKS[name] = hook
+
+
+@dataclass
+class ValArgs:
+    source: str = ""
+    """Held-out source (a subfolder of ``data.root_dir``) for validation loss; empty: none."""
+    every: int = 0
+    """Validate every N steps (0: only at the end) when ``source`` is set."""
+    batches: int = 4
+    """Batches per data shard in one validation (always the first ones: comparable over time)."""
+
+    def validate(self) -> None:
+        if self.every < 0 or self.batches < 1:
+            raise ValueError(f"val.every must be >= 0 and val.batches >= 1, got {self.every}, {self.batches}")
+
+
+@dataclass
+class TrainArgs:
+    name: str = "run"
+    """Run name (wandb run id, log labels)."""
+    dump_dir: str = ""
+    """Run folder; required. Rerunning with the same folder resumes."""
+    seed: int = 42
+    """Seeds the process RNGs (derived per rank). Weights use ``model.seed``, data ``data.seed``."""
+    steps: int = 1000
+    """Optimizer steps, unless ``num_tokens`` is set."""
+    num_tokens: int = 0
+    """Token budget (> 0 overrides ``steps``): steps = num_tokens // (global batch * seq_len)."""
+    grad_acc_steps: int = 1
+    """Micro-batches per data shard per optimizer step."""
+    grad_clip: float = 1.0
+    """Max global gradient norm, applied once per optimizer step (<= 0: no clipping)."""
+    stop_at_step: int = 0
+    """Stop after this step (saving a checkpoint) without finishing, e.g. to fit a time-limited
+    allocation; rerunning with the same ``dump_dir`` resumes. 0: run to the end."""
+    log_freq: int = 10
+    """Log metrics every N steps (and at the last step)."""
+    eval_every: int = 0
+    """Run the eval hooks every N steps (0: only at the end)."""
+    evals: list[str] = field(default_factory=list)
+    """Names of registered eval hooks (``register_eval_hook``) to run."""
+    val: ValArgs = field(default_factory=ValArgs)
+    model: TransformerArgs = field(default_factory=TransformerArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+
+    def validate(self) -> None:
+        if not self.dump_dir:
+            raise ValueError("dump_dir is required (the run folder)")
+        if self.steps < 1 and self.num_tokens <= 0:
+            raise ValueError(f"steps must be >= 1 (or set num_tokens), got {self.steps}")
+        if self.grad_acc_steps < 1 or self.log_freq < 1 or self.eval_every < 0:
+            raise ValueError("grad_acc_steps and log_freq must be >= 1, eval_every >= 0")
+        if self.data.seq_len > self.model.max_seqlen:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seqlen={self.model.max_seqlen}")
+
+    def global_batch(self, data_shards: int) -> int:
+        """Sequences per optimizer step."""
+        return self.data.batch_size * data_shards * self.grad_acc_steps
+
+    def total_steps(self, data_shards: int) -> int:
+        if self.num_tokens <= 0:
+            return self.steps
+        steps = self.num_tokens // (self.global_batch(data_shards) * self.data.seq_len)
+        if steps < 1:
+            raise ConfigError(f"num_tokens={self.num_tokens} is less than one step of {self.global_batch(data_shards)}x{self.data.seq_len} tokens")
+        return steps
+
+
+def _process_seed(seed: int, rank: int) -> None:
+    s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    import random
+
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """Sum of the cross-entropy over the positions where ``loss_mask`` is True."""
+    doc_ids = batch.get("doc_ids")
+    logits = model(batch["input"].to(device), doc_ids=None if doc_ids is None else doc_ids.to(device))
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].to(device).flatten(), reduction="none")
+    return (ce * batch["loss_mask"].to(device).flatten()).sum()
+
+
+class _Run:
+    """State of one ``train`` call; the loop body is split into methods for readability."""
+
+    def __init__(self, cfg: TrainArgs, format_fn: Any, eval_hooks: Sequence[EvalHook]):
+        self.cfg = cfg
+        self.format_fn = format_fn
+        self.env = D.init_distributed(cfg.distributed)
+        self.dir = Path(cfg.dump_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        init_logger(self.dir / "train.log", self.env.rank, cfg.logging.level.upper())
+        self.config_yaml = dump_config(cfg)
+        if self.env.is_main:
+            dump_config(cfg, self.dir / "config.yaml")
+            logger.info("resolved config:\n%s", self.config_yaml)
+        unknown = [n for n in cfg.evals if n not in _EVAL_HOOKS]
+        if unknown:
+            raise ConfigError(f"evals: unknown eval hook(s) {unknown}; registered: {sorted(_EVAL_HOOKS)}")
+        self.hooks = [_EVAL_HOOKS[n] for n in cfg.evals] + list(eval_hooks)
+
+    # -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.ckpt = CheckpointManager(self.dir / "checkpoints", cfg.checkpoint, env)
+        resume_dir = self.ckpt.latest()
+        saved = _read_train_state(resume_dir) if resume_dir else None
+        self.data_shards = _resolve_shards(cfg.distributed.data_shards, env.world_size, saved)
+        self.total = cfg.total_steps(self.data_shards)
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        if env.is_main:
+            _save_tokenizer_copy(self.tokenizer, self.dir / "tokenizer")
+        vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else self.tokenizer.vocab_size
+        self.margs = dataclasses.replace(cfg.model, vocab_size=vocab)
+        _process_seed(cfg.seed, env.rank)
+        model = build_model(self.margs, device=env.device, init=True)
+        self.model = D.parallelize(model, cfg.distributed, env)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step, self.tokens_seen, data_states = 0, {}, {}
+        if saved is not None:
+            self.ckpt.load(resume_dir, self.model, self.optimizer)
+            self.step, self.tokens_seen = saved["step"], dict(saved.get("tokens_seen", {}))
+            data_states = saved["data"]
+            rngs = saved.get("rng", [])
+            if len(rngs) == env.world_size:
+                restore_rng(rngs[env.rank])
+            else:
+                logger.warning("world size changed (%d -> %d): process RNGs reseeded", len(rngs), env.world_size)
+                _process_seed(cfg.seed + self.step, env.rank)
+            logger.info("resuming from %s at step %d", resume_dir, self.step)
+        elif cfg.checkpoint.init_ckpt_path:
+            load_init_checkpoint(self.model, cfg.checkpoint.init_ckpt_path)
+        self.resumed_from = str(resume_dir) if resume_dir else None
+        per_rank = self.data_shards // env.world_size
+        self.shards = list(range(env.rank * per_rank, (env.rank + 1) * per_rank))
+        self.data_states: dict[str, Any] = {str(s): data_states.get(str(s)) for s in self.shards}
+        self.iters = {s: self._data_iter(cfg.data, s, self.data_states[str(s)]) for s in self.shards}
+        self.metrics = None
+        if env.is_main:
+            truncate_metrics(self.dir / "metrics.jsonl", self.step)
+            self.metrics = MetricLogger(self.dir / "metrics.jsonl", cfg.logging, cfg.name, to_dict(cfg))
+        self.flops_per_token = flops_per_token(self.margs, cfg.data.seq_len)
+        self.peak = peak_flops(env.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "model %.2fM params | %d steps | global batch %d x %d tokens | %d data shard(s) on %d rank(s)",
+            n_params / 1e6, self.total, cfg.global_batch(self.data_shards), cfg.data.seq_len, self.data_shards, env.world_size,
+        )
+
+    def _data_iter(self, data_args: DataArgs, shard: int, state: dict | None) -> Iterator:
+        from lingua.data import build_data_iterator
+
+        return build_data_iterator(
+            data_args, self.tokenizer, rank=shard, world_size=self.data_shards, state=state, format_fn=self.format_fn
+        )
+
+    # -------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        lr = lr_at(self.step + 1, cfg.optim, self.total)
+        set_lr(self.optimizer, lr)
+        t_data = time.perf_counter()
+        micro = []
+        for s in self.shards:
+            for _ in range(cfg.grad_acc_steps):
+                batch, state = next(self.iters[s])
+                self.data_states[str(s)] = state
+                micro.append(batch)
+                for src, n in batch.get("tokens_by_source", {}).items():
+                    self.tokens_seen[src] = self.tokens_seen.get(src, 0) + int(n)
+        t_data = time.perf_counter() - t_data
+        local_count = float(sum(int(b["loss_mask"].sum()) for b in micro))
+        (count,) = D.all_reduce_sum([local_count], env.device)
+        denom = max(count, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i, batch in enumerate(micro):
+            with D.no_grad_sync(self.model, skip=i < len(micro) - 1):
+                with D.autocast(cfg.distributed, env):
+                    s = _loss_sum(self.model, batch, env.device)
+                (s / denom).backward()
+            loss_sum += s.detach().double()
+        grad_norm = D.clip_grad_norm_(self.model, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        (total_loss,) = D.all_reduce_sum([float(loss_sum)], env.device)
+        return {"loss": total_loss / denom, "lr": lr, "grad_norm": grad_norm, "loss_tokens": count, "data_s": t_data}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        cfg = self.cfg
+        val_data = dataclasses.replace(cfg.data, sources={cfg.val.source: 1.0}, prefetch=False)
+        self.model.eval()
+        loss_sum = count = 0.0
+        for s in self.shards:
+            it = self._data_iter(val_data, s, None)
+            for _ in range(cfg.val.batches):
+                batch, _ = next(it)
+                with D.autocast(cfg.distributed, self.env):
+                    loss_sum += float(_loss_sum(self.model, batch, self.env.device))
+                count += float(batch["loss_mask"].sum())
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+        self.model.train()
+        loss_sum, count = D.all_reduce_sum([loss_sum, count], self.env.device)
+        return {"val/loss": loss_sum / max(count, 1.0), "val/tokens": count}
+
+    def run_evals(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        self.model.eval()
+        for hook in self.hooks:
+            for k, v in (hook(self.model, self.step, self.dir) or {}).items():
+                out[k if "/" in k else f"eval/{k}"] = v
+        self.model.train()
+        return out
+
+    def save(self) -> Path:
+        gathered_data = D.all_gather_object(self.data_states)
+        gathered_tokens = D.all_gather_object(self.tokens_seen)
+        rngs = D.all_gather_object(capture_rng())
+        data = {k: v for part in gathered_data for k, v in part.items()}
+        tokens: dict[str, int] = {}
+        for part in gathered_tokens:
+            for k, v in part.items():
+                tokens[k] = tokens.get(k, 0) + v
+        state = {
+            "step": self.step,
+            "data_shards": self.data_shards,
+            "world_size": self.env.world_size,
+            "data": data,
+            "tokens_seen": tokens,
+            "rng": rngs,
+            "scheduler": {"name": self.cfg.optim.scheduler, "total_steps": self.total,
+                          "lr": lr_at(self.step, self.cfg.optim, self.total)},
+        }
+        return self.ckpt.save(self.step, self.model, self.optimizer, state, self.config_yaml, to_dict(self.margs))
+
+    def global_tokens_seen(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for part in D.all_gather_object(self.tokens_seen):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    # -------------------------------------------------------------------------------------
+    def loop(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        losses: dict[int, float] = {}
+        last: dict[str, Any] = {"val": None, "eval": {}, "checkpoint": None}
+        progress = Progress(self.total, self.step)
+        step_tokens = cfg.global_batch(self.data_shards) * cfg.data.seq_len
+        window_s, window_steps = 0.0, 0  # time in train_step only: saves and evals excluded
+        start_step = self.step
+        end = min(self.total, self.cfg.stop_at_step) if self.cfg.stop_at_step > 0 else self.total
+        while self.step < end:
+            t0 = time.perf_counter()
+            out = self.train_step()
+            window_s += time.perf_counter() - t0
+            progress.mark_first_step()
+            window_steps += 1
+            losses[self.step] = out["loss"]
+            stop, final = self.step == end, self.step == self.total
+            record: dict[str, Any] = {}
+            if self.step % cfg.log_freq == 0 or stop:
+                tps = step_tokens * window_steps / max(window_s, 1e-9)
+                record.update({
+                    "loss/train": out["loss"], "optim/lr": out["lr"], "optim/grad_norm": out["grad_norm"],
+                    "tokens/loss_tokens": out["loss_tokens"], "tokens/total": self.step * step_tokens,
+                    "speed/tokens_per_s": tps, "speed/step_s": window_s / window_steps, "speed/data_s": out["data_s"],
+                    "speed/mfu": mfu(self.flops_per_token, tps, self.peak, env.world_size),
+                })
+                record.update({f"tokens/source/{k}": v for k, v in sorted(self.global_tokens_seen().items())})
+                record.update(memory_stats(env.device))
+                logger.info(progress.line(self.step, out["loss"], out["lr"], out["grad_norm"], tps))
+                window_s, window_steps = 0.0, 0
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or stop:
+                last["checkpoint"] = str(self.save())
+            if cfg.val.source and ((cfg.val.every and self.step % cfg.val.every == 0) or final):
+                last["val"] = self.validate()
+                record.update(last["val"])
+                logger.info("step %d: val loss %.4f", self.step, last["val"]["val/loss"])
+            if self.hooks and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+                last["eval"] = self.run_evals()
+                record.update(last["eval"])
+            if record and self.metrics is not None:
+                self.metrics.log({"step": self.step, **record})
+        consolidated = None
+        if cfg.checkpoint.consolidate and last["checkpoint"] and self.step == self.total and start_step < self.total:
+            D.barrier()
+            if env.is_main:
+                consolidated = str(consolidate(last["checkpoint"], self.tokenizer))
+            D.barrier()
+        return {
+            "run_dir": str(self.dir), "step": self.step, "total_steps": self.total, "resumed_from": self.resumed_from,
+            "losses": losses, "final_loss": losses.get(self.step), "val": last["val"], "eval": last["eval"],
+            "checkpoint": last["checkpoint"], "consolidated": consolidated, "tokens_seen": self.global_tokens_seen(),
+        }
+
+    def close(self) -> None:
+        for it in getattr(self, "iters", {}).values():
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
+
+def _save_tokenizer_copy(tokenizer: Any, tok_dir: Path) -> None:
+    """Copy the tokenizer into the run folder in the layout of a consolidated folder's
+    ``tokenizer/`` (args with a path relative to it), so ``lingua.consolidated.load_tokenizer``
+    reads it from the run folder too."""
+    import os
+
+    args = tokenizer.save(tok_dir)
+    rel = None if args.path is None else os.path.relpath(args.path, tok_dir)
+    atomic_write_json(tok_dir / "tokenizer_args.json", to_dict(TokenizerArgs(args.name, rel, args.special_tokens)))
+
+
+def _read_train_state(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "train_state.json").read_text())
+
+
+def _resolve_shards(configured: int, world: int, saved: dict | None) -> int:
+    """The run's number of data shards: fixed by its checkpoint once there is one."""
+    shards = configured or (saved["data_shards"] if saved else world)
+    if saved is not None and shards != saved["data_shards"]:
+        raise ConfigError(f"distributed.data_shards={shards} but the checkpoint was written with {saved['data_shards']}")
+    if shards % world:
+        raise ConfigError(f"distributed.data_shards={shards} is not a multiple of the world size {world}")
+    return shards
+
+
+def train(cfg: TrainArgs, *, format_fn: Any = None, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
+    """Train (or resume training) as configured; returns a summary dict (run_dir, step,
+    losses by step, final_loss, val and eval results, last checkpoint, consolidated folder)."""
+    started_pg = not D.dist.is_initialized()
+    run = None
+    try:
+        run = _Run(cfg, format_fn, eval_hooks)
+        run.setup()
+        return run.loop()
+    finally:
+        if run is not None:
+            run.close()
+        close_logger()
+        if started_pg:
+            D.destroy_distributed()
