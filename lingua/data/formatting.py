@@ -8,7 +8,10 @@ A formatter that finds a record unusable raises :class:`BadRecord`; the record i
 and skipped like other bad input (fatal under ``data.strict``).
 
 Formatters are registered by name as *factories* (``factory(**kwargs) -> formatter``) so a
-config can select one with ``data.format=<name>``. Applications (e.g. latent layouts) register
+config can select one with ``data.format=<name>``. The pipeline builds it with
+``get_format(name, text_key=data.text_key)`` when the factory declares a ``text_key``
+parameter, else with ``get_format(name)``; an application that needs other options passes its
+configured formatter as ``format_fn`` instead. Applications (e.g. latent layouts) register
 their own; the core only ships ``text``.
 """
 
@@ -57,9 +60,10 @@ def registered_formats() -> list[str]:
 
 
 def factory_accepts(name: str, keyword: str) -> bool:
-    """Whether the factory of ``name`` takes ``keyword`` (explicitly or through ``**kwargs``)."""
+    """Whether the factory of ``name`` declares a parameter called ``keyword``. A bare
+    ``**kwargs`` does not count: such factories often forward options to a strict config."""
     params = inspect.signature(_REGISTRY[name]).parameters.values()
-    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == keyword and p.kind is not inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def text_format(text_key: str = "text") -> Formatter:

@@ -22,6 +22,7 @@ that document again, deterministically, and drops those tokens.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -68,19 +69,15 @@ def tokenize_spans(
     Spans are encoded separately, so a subword merge never crosses a span boundary; layouts put
     special tokens at their boundaries, where tokenizers split anyway.
     """
-    ids: list[int] = []
-    flags: list[bool] = []
-    if add_bos:
-        ids.append(tokenizer.bos_id)  # type: ignore[arg-type]
-        flags.append(True)
-    for text, in_loss in spans:
-        piece = tokenizer.encode(text, add_bos=False, add_eos=False)
-        ids.extend(piece)
-        flags.extend([in_loss] * len(piece))
-    if add_eos:
-        ids.append(tokenizer.eos_id)  # type: ignore[arg-type]
-        flags.append(True)
-    return np.asarray(ids, dtype=np.int64), np.asarray(flags, dtype=np.bool_)
+    pieces = [tokenizer.encode(text, add_bos=False, add_eos=False) for text, _ in spans]
+    head = [tokenizer.bos_id] if add_bos else []
+    tail = [tokenizer.eos_id] if add_eos else []
+    lengths = [len(head), *map(len, pieces), len(tail)]
+    tokens = np.fromiter(itertools.chain(head, *pieces, tail), dtype=np.int64, count=sum(lengths))
+    if all(in_loss for _, in_loss in spans):
+        return tokens, np.ones(len(tokens), dtype=np.bool_)
+    flags = np.array([True, *(in_loss for _, in_loss in spans), True], dtype=np.bool_)
+    return tokens, np.repeat(flags, lengths)
 
 
 class Packer:

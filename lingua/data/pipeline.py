@@ -24,7 +24,6 @@ State (JSON-able, travels with every batch; treat it as read-only)::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -143,69 +142,50 @@ class DocumentStream:
             reader.close()
 
 
-class DataIterator(Iterator[tuple[Batch, dict]]):
-    """Yields ``(batch, state)`` forever; see :func:`build_data_iterator`. Close it (or use it as
-    a context manager) to stop the prefetch thread and close files."""
+class BatchMaker:
+    """The synchronous pipeline of one rank: windows from the shuffler, stacked into batches."""
 
     def __init__(
         self,
         args: DataArgs,
         tokenizer: TokenizerLike,
+        shards: dict[str, list[Path]],
+        format_fn: Formatter,
+        fingerprint: dict,
         *,
         rank: int,
         world_size: int,
-        state: dict | None = None,
-        format_fn: Formatter | None = None,
+        state: dict | None,
     ) -> None:
-        args.validate()
-        if not args.sources:
-            raise DataError("data.sources is empty: name at least one source folder under data.root_dir")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        for flag, attr in (("add_bos", "bos_id"), ("add_eos", "eos_id")):
-            if getattr(args, flag) and getattr(tokenizer, attr, None) is None:
-                raise DataError(f"data.{flag}=true but the tokenizer has no {attr}")
         self.args = args
-        self.rank = rank
-        self.world_size = world_size
-        active = sorted(name for name, w in args.sources.items() if w > 0)
-        self._shards = {name: list_shards(args.root_dir, name) for name in active}
-        self._format_fn = format_fn if format_fn is not None else _lookup_format(args)
-        self._tokenizer = tokenizer
-        self.fingerprint = _fingerprint(args, tokenizer, self._shards, rank, world_size)
-        if state is not None:
-            _check_state(state, self.fingerprint)
+        self.fingerprint = fingerprint
+        self.names = sorted(shards)  # = the mixer's source order, which ``Window.src`` indexes
         self._batches = int(state["batches"]) if state else 0
-        self._tokens = {name: int(state["tokens_by_source"].get(name, 0)) for name in active} if state else dict.fromkeys(active, 0)
-        self._docs: DocumentStream | None = None
+        saved_tokens = state["tokens_by_source"] if state else {}
+        self._tokens = {name: int(saved_tokens.get(name, 0)) for name in self.names}
+
+        def make_packer(packer_state: dict | None) -> Packer:
+            self.docs = DocumentStream(
+                args, tokenizer, shards, format_fn,
+                rank=rank, world_size=world_size, state=packer_state["docs"] if packer_state else None,
+            )  # fmt: skip
+            return Packer(self.docs, args.seq_len, skip=packer_state["skip"] if packer_state else 0)
+
+        self.docs: DocumentStream
         self._shuffler = WindowShuffler(
-            self._make_packer,
+            make_packer,
             block=max(1, args.shuffle_buffer) * args.batch_size,
             shuffle=args.shuffle_buffer > 0,
             seed_parts=(args.seed + 1, rank, world_size),
             state=state["position"] if state else None,
         )
-        self._names = active  # = the mixer's source order, which ``Window.src`` indexes
-        self._prefetcher = Prefetcher(self._produce, args.prefetch_depth) if args.prefetch else None
 
-    def _make_packer(self, packer_state: dict | None) -> Packer:
-        self._docs = DocumentStream(
-            self.args, self._tokenizer, self._shards, self._format_fn,
-            rank=self.rank, world_size=self.world_size, state=packer_state["docs"] if packer_state else None,
-        )  # fmt: skip
-        return Packer(self._docs, self.args.seq_len, skip=packer_state["skip"] if packer_state else 0)
-
-    def __next__(self) -> tuple[Batch, dict]:
-        if self._prefetcher is not None:
-            return self._prefetcher.get()
-        return self._produce()
-
-    def _produce(self) -> tuple[Batch, dict]:
+    def __call__(self) -> tuple[Batch, dict]:
         windows = [self._shuffler.next_window() for _ in range(self.args.batch_size)]
         tok = np.stack([w.tokens for w in windows])
         src = np.stack([w.src[:-1] for w in windows])
-        counts = np.bincount(src.ravel(), minlength=len(self._names))
-        by_source = {name: int(counts[i]) for i, name in enumerate(self._names)}
+        counts = np.bincount(src.ravel(), minlength=len(self.names))
+        by_source = {name: int(counts[i]) for i, name in enumerate(self.names)}
         batch: Batch = {
             "input": torch.from_numpy(np.ascontiguousarray(tok[:, :-1])),
             "target": torch.from_numpy(np.ascontiguousarray(tok[:, 1:])),
@@ -217,23 +197,73 @@ class DataIterator(Iterator[tuple[Batch, dict]]):
         self._batches += 1
         for name, n in by_source.items():
             self._tokens[name] += n
-        assert self._docs is not None
         state = {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
             "batches": self._batches,
             "tokens_by_source": dict(self._tokens),
-            "stats": self._docs.stats(),
+            "stats": self.docs.stats(),
             "position": self._shuffler.state(),
         }
-        return batch, copy.deepcopy(state)
+        return batch, json.loads(json.dumps(state))  # a private, provably JSON-able copy
+
+    def close(self) -> None:
+        self.docs.close()
+
+
+class DataIterator(Iterator[tuple[Batch, dict]]):
+    """Yields ``(batch, state)`` forever; see :func:`build_data_iterator`.
+
+    Close it (or use it as a context manager) to stop the prefetch thread and close files; an
+    iterator that is simply dropped is closed when garbage-collected (the thread holds only
+    the inner :class:`BatchMaker`, never this object).
+    """
+
+    def __init__(
+        self,
+        args: DataArgs,
+        tokenizer: TokenizerLike,
+        *,
+        rank: int,
+        world_size: int,
+        state: dict | None = None,
+        format_fn: Formatter | None = None,
+    ) -> None:
+        self._prefetcher: Prefetcher | None = None
+        self._maker: BatchMaker | None = None
+        args.validate()
+        if not args.sources:
+            raise DataError("data.sources is empty: name at least one source folder under data.root_dir")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        for flag, attr in (("add_bos", "bos_id"), ("add_eos", "eos_id")):
+            if getattr(args, flag) and getattr(tokenizer, attr, None) is None:
+                raise DataError(f"data.{flag}=true but the tokenizer has no {attr}")
+        shards = {name: list_shards(args.root_dir, name) for name, w in sorted(args.sources.items()) if w > 0}
+        format_fn = format_fn if format_fn is not None else _lookup_format(args)
+        self.fingerprint = _fingerprint(args, tokenizer, shards, rank, world_size)
+        if state is not None:
+            _check_state(state, self.fingerprint)
+        self._maker = BatchMaker(
+            args, tokenizer, shards, format_fn, self.fingerprint, rank=rank, world_size=world_size, state=state
+        )
+        if args.prefetch:
+            self._prefetcher = Prefetcher(self._maker, args.prefetch_depth)
+
+    def __next__(self) -> tuple[Batch, dict]:
+        if self._prefetcher is not None:
+            return self._prefetcher.get()
+        if self._maker is None:
+            raise RuntimeError("the data iterator is closed")
+        return self._maker()
 
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
-        if self._docs is not None:
-            self._docs.close()
+        if self._maker is not None:
+            self._maker.close()
+            self._maker = None
 
     def __enter__(self) -> "DataIterator":
         return self
@@ -242,10 +272,7 @@ class DataIterator(Iterator[tuple[Batch, dict]]):
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.close()
 
 
 def build_data_iterator(
