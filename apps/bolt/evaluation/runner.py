@@ -1,0 +1,138 @@
+"""Run lm-eval tasks on a backend, once per seed, and write what came out.
+
+Used by the CLI (``python -m apps.bolt.eval``) and by the in-training task hook, so both produce
+the same files:
+
+    <out_dir>/results_seed<S>.json    lm-eval's output for seed S (without samples) + limits
+    <out_dir>/samples_seed<S>.jsonl   one line per evaluated document (when log_samples)
+    <out_dir>/summary.json            config, per-key mean / standard error over seeds, limits
+    <out_dir>/COMPLETE                written last
+
+Seeds: each seed sets lm-eval's few-shot sampler seed (exemplar order for ``sampler: default``)
+and the backend's sampling seed. lm-eval's global ``random``/``numpy``/``torch`` seeding is
+switched off so that evaluating inside a training process leaves the trainer's RNG streams alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from apps.bolt.evaluation.harness import BoltLM
+from apps.bolt.evaluation.results import aggregate_seeds, flatten_results
+from apps.bolt.evaluation.tasks import TaskLibrary
+from lingua.io import atomic_write_json, atomic_write_text, mark_done
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HarnessOptions:
+    """How lm-eval and the bolt LM run (shared by the CLI config and the training hook)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One evaluation per seed; several give a mean and a standard error."""
+    limit: Optional[int] = None
+    """Documents per task (None: all). For smoke tests only."""
+    num_fewshot: Optional[int] = None
+    """Override every task's shot count (None: the YAML's)."""
+    max_gen_tokens: int = 512
+    """Cap on new tokens per generation (a task's own ``max_gen_toks`` applies below it)."""
+    context_window: int = 0
+    """Tokens the model sees, prompt + generation; 0: the model's ``max_seqlen``."""
+    overflow: str = "truncate"
+    """Prompts longer than the window minus the new tokens: ``truncate`` (left, reported) or ``error``."""
+    log_samples: bool = True
+    """Write every document's prompt, generation and score to ``samples_seed<S>.jsonl``."""
+    bootstrap_iters: int = 0
+    """lm-eval's bootstrap for per-seed stderr of non-mean metrics (mean metrics get a closed form
+    whenever this is > 0); 0 skips stderr."""
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if self.overflow not in ("truncate", "error"):
+            raise ValueError(f"overflow must be truncate or error, got {self.overflow!r}")
+        if self.max_gen_tokens < 1 or self.context_window < 0:
+            raise ValueError("max_gen_tokens must be >= 1 and context_window >= 0")
+
+
+@dataclass
+class EvalOutcome:
+    tasks: list[str]
+    results: list[dict[str, Any]]
+    """lm-eval output per seed (JSON-safe, samples removed)."""
+    samples: list[dict[str, list]]
+    """Per seed: task -> logged samples (empty without log_samples)."""
+    flat: list[dict[str, float]]
+    summary: dict[str, dict[str, Any]]
+    limits: list[dict[str, int]]
+
+
+def _json_safe(obj: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def evaluate_tasks(backend: Any, tasks: Sequence[str], library: TaskLibrary, opts: HarnessOptions) -> EvalOutcome:
+    """Evaluate ``tasks`` (names as shipped, variant already applied) once per seed."""
+    import lm_eval
+
+    opts.validate()
+    results, samples, flat, limits = [], [], [], []
+    for seed in opts.seeds:
+        lm = BoltLM(
+            backend,
+            max_gen_tokens=opts.max_gen_tokens,
+            context_window=opts.context_window or None,
+            overflow=opts.overflow,
+            seed=seed,
+        )
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=library.build(tasks, opts.num_fewshot),
+            task_manager=library.manager,
+            limit=opts.limit,
+            bootstrap_iters=opts.bootstrap_iters,
+            log_samples=opts.log_samples,
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=seed,
+        )
+        if out is None:  # only on non-zero ranks, which we never use
+            raise RuntimeError("lm-eval returned no results")
+        samples.append(_json_safe(out.pop("samples", {})))
+        res = _json_safe(out)
+        res["limits"] = lm.limits.as_dict()
+        res["seed"] = seed
+        results.append(res)
+        flat.append(flatten_results(res))
+        limits.append(lm.limits.as_dict())
+        logger.info("seed %d done: %s", seed, ", ".join(f"{k}={v:.4f}" for k, v in flat[-1].items()))
+    return EvalOutcome(list(tasks), results, samples, flat, aggregate_seeds(flat), limits)
+
+
+def write_outcome(out_dir: str | Path, outcome: EvalOutcome, info: dict[str, Any]) -> Path:
+    """Write the files listed in the module docstring; ``info`` (config, checkpoint, variant,
+    eval id) goes into ``summary.json``. Returns the summary path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "COMPLETE").unlink(missing_ok=True)
+    for res, smp in zip(outcome.results, outcome.samples):
+        seed = res["seed"]
+        atomic_write_json(out / f"results_seed{seed}.json", res)
+        if smp:
+            lines = [json.dumps({"task": t, **s}, ensure_ascii=False) for t in sorted(smp) for s in smp[t]]
+            atomic_write_text(out / f"samples_seed{seed}.jsonl", "".join(x + "\n" for x in lines))
+    summary = {**info, "tasks": outcome.tasks, "summary": outcome.summary, "limits": outcome.limits}
+    path = out / "summary.json"
+    atomic_write_json(path, summary)
+    mark_done(out, {"eval_id": info.get("eval_id")})
+    return path

@@ -1,0 +1,194 @@
+"""Find, localise and build the shipped lm-eval tasks (``apps/bolt/configs/tasks/``).
+
+The YAMLs are ordinary lm-eval task configs that name hub datasets, so on a cluster with hub
+access they work as they are (also with ``lm_eval --include_path``). Offline, a *data root*
+replaces every hub dataset by local JSON-lines files at a fixed place::
+
+    <data_root>/<dataset_path>/<dataset_name>/<split>.jsonl
+    e.g. <data_root>/gsm8k/main/test.jsonl, <data_root>/EleutherAI/hendrycks_math/algebra/test.jsonl
+
+Tasks that are local by nature (``dataset_path: json``, the synthetic world's) give their
+``data_files`` relative to the data root. Relative ``data_files`` would otherwise resolve against
+the working directory (cpu-feasibility.md section 8), so every path handed to lm-eval is absolute.
+
+lm-eval only reads a task's YAML when given its name, so the rewritten configs are handed over as
+built ``Task``/``Group`` objects: :meth:`TaskLibrary.build` loads each YAML (includes and
+``!function`` references resolved), rewrites its dataset fields, and instantiates it. The
+``TaskManager`` is created with ``include_defaults=False``: indexing lm-eval's built-in tasks
+costs ~18 s and none of them is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+LATENT_PREFIX = "latent_"
+
+LATENT_LAYOUTS = frozenset({"random", "prior"})
+"""Training layouts whose models are evaluated on ``latent_`` tasks: they learned to write a prior
+thought (``<|START_OF_LATENT|><|PRIOR_PREFIX|>...``) before text. Every other layout (``raw``,
+``posterior``, ``pure``) gets the raw tasks; the reference switched on ``random``/``prior`` only."""
+VARIANTS = ("auto", "raw", "latent")
+_SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
+
+
+class TaskConfigError(ValueError):
+    """A task that cannot be built, with the task name and the file or key at fault."""
+
+
+def variant_for_layout(layout: str | None) -> str:
+    """``"latent"`` for models trained with a prior-thought layout, ``"raw"`` otherwise."""
+    if layout is None:
+        raise TaskConfigError(
+            "cannot choose the task variant: the checkpoint records no training layout; "
+            "pass variant=raw or variant=latent"
+        )
+    return "latent" if layout in LATENT_LAYOUTS else "raw"
+
+
+def apply_variant(names: Iterable[str], variant: str) -> list[str]:
+    """Task names for ``variant``: ``latent`` adds the ``latent_`` prefix, ``raw`` removes it."""
+    if variant not in ("raw", "latent"):
+        raise TaskConfigError(f"variant must be raw or latent here, got {variant!r}")
+    out = []
+    for name in names:
+        base = name[len(LATENT_PREFIX) :] if name.startswith(LATENT_PREFIX) else name
+        out.append(LATENT_PREFIX + base if variant == "latent" else base)
+    return out
+
+
+def base_name(task: str) -> str:
+    """Task name without the ``latent_`` prefix (metrics files use it, see results.py)."""
+    return task[len(LATENT_PREFIX) :] if task.startswith(LATENT_PREFIX) else task
+
+
+def localize(cfg: dict[str, Any], data_root: Path | None) -> dict[str, Any]:
+    """A copy of the task config ``cfg`` whose data come from local files where required.
+
+    * ``dataset_path: json``: relative ``data_files`` are resolved against ``data_root``;
+    * hub datasets with a ``data_root``: replaced by ``<root>/<path>/<name>/<split>.jsonl``;
+    * hub datasets without one: unchanged (the cluster path).
+    Missing files are an error that names the task and the expected path.
+    """
+    cfg = copy.deepcopy(cfg)
+    task = cfg.get("task", "?")
+    if cfg.get("dataset_path") == "json":
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        if not isinstance(files, dict):
+            raise TaskConfigError(f"task {task}: dataset_path json needs dataset_kwargs.data_files as a split -> file mapping")
+        cfg["dataset_kwargs"]["data_files"] = {split: str(_local_file(task, f, data_root)) for split, f in files.items()}
+        return cfg
+    if data_root is None:
+        return cfg
+    splits = sorted({cfg[k] for k in _SPLIT_KEYS if cfg.get(k)})
+    folder = Path(data_root) / cfg["dataset_path"] / (cfg.get("dataset_name") or "")
+    cfg["dataset_kwargs"] = {"data_files": {s: str(_local_file(task, folder / f"{s}.jsonl", None)) for s in splits}}
+    cfg["dataset_path"] = "json"
+    cfg["dataset_name"] = None
+    return cfg
+
+
+def _local_file(task: str, path: str | Path, root: Path | None) -> Path:
+    p = Path(path)
+    if not p.is_absolute():
+        if root is None:
+            raise TaskConfigError(f"task {task}: data file {p} is relative; set data_root")
+        p = Path(root) / p
+    p = p.resolve()
+    if not p.is_file():
+        raise TaskConfigError(f"task {task}: local data file not found: {p}")
+    return p
+
+
+class TaskLibrary:
+    """The tasks under ``include_path`` (default: the shipped ones) and how to build them."""
+
+    def __init__(self, include_path: str | Path = TASKS_DIR, data_root: str | Path | None = None):
+        from lm_eval.tasks import TaskManager
+
+        self.include_path = Path(include_path)
+        self.data_root = Path(data_root).resolve() if data_root else None
+        self.manager = TaskManager(include_path=str(self.include_path), include_defaults=False)
+        self._index = self.manager.task_index
+
+    @property
+    def names(self) -> list[str]:
+        """Every task and group name found (sorted)."""
+        return sorted(n for n, e in self._index.items() if e.yaml_path is not None)
+
+    def is_group(self, name: str) -> bool:
+        from lm_eval.tasks._index import Kind
+
+        return self._entry(name).kind == Kind.GROUP
+
+    def raw_config(self, name: str) -> dict[str, Any]:
+        """The YAML of task or group ``name`` with includes merged and functions imported."""
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        entry = self._entry(name)
+        try:
+            return load_yaml(entry.yaml_path, resolve_func=True)
+        except Exception as e:
+            raise TaskConfigError(f"task {name}: cannot load {entry.yaml_path}: {e}") from e
+
+    def config(self, name: str, num_fewshot: int | None = None) -> dict[str, Any]:
+        """The localised config of task ``name`` as lm-eval will receive it."""
+        if self.is_group(name):
+            raise TaskConfigError(f"{name} is a group; use build() or leaf_tasks()")
+        cfg = localize(self.raw_config(name), self.data_root)
+        if num_fewshot is not None:
+            cfg["num_fewshot"] = num_fewshot
+        return cfg
+
+    def leaf_tasks(self, name: str) -> list[str]:
+        """The task names under ``name`` (itself when it is a task), in YAML order."""
+        if not self.is_group(name):
+            return [name]
+        return [leaf for child in self._children(name) for leaf in self.leaf_tasks(child)]
+
+    def build(self, names: Iterable[str], num_fewshot: int | None = None) -> list[Any]:
+        """lm-eval ``Task``/``Group`` objects for ``names``, ready for ``simple_evaluate``."""
+        return [self._build(n, num_fewshot) for n in names]
+
+    # ------------------------------------------------------------------------ internals
+    def _entry(self, name: str):
+        entry = self._index.get(name)
+        if entry is None or entry.yaml_path is None:
+            close = [n for n in self.names if name in n or n in name][:5]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise TaskConfigError(f"unknown task {name!r} in {self.include_path}{hint}")
+        return entry
+
+    def _children(self, group: str) -> list[str]:
+        children = self.raw_config(group).get("task") or []
+        names = []
+        for c in children if isinstance(children, list) else [children]:
+            if not isinstance(c, str):
+                raise TaskConfigError(f"group {group}: members must be task names, got {c!r}")
+            names.append(c)
+        return names
+
+    def _build(self, name: str, num_fewshot: int | None):
+        from lm_eval.api.group import Group
+        from lm_eval.api.task import ConfigurableTask
+        from lm_eval.config.group import GroupConfig
+
+        if not self.is_group(name):
+            try:
+                return ConfigurableTask(config=self.config(name, num_fewshot))
+            except TaskConfigError:
+                raise
+            except Exception as e:
+                raise TaskConfigError(f"task {name} ({self._entry(name).yaml_path}): {e}") from e
+        raw = self.raw_config(name)
+        fields = {k: raw[k] for k in ("group_alias", "aggregate_metric_list", "metadata") if k in raw}
+        group = Group.from_config(GroupConfig(group=name, task=self._children(name), **fields))
+        for child in self._children(name):
+            group.add(self._build(child, num_fewshot))
+        return group
