@@ -249,6 +249,12 @@ class DataIterator(Iterator[tuple[Batch, dict]]):
         )
         if args.prefetch:
             self._prefetcher = Prefetcher(self._maker, args.prefetch_depth)
+        logger.info(
+            "data rank %d/%d: %s; %s",
+            rank, world_size,
+            ", ".join(f"{name} ({len(files)} shard(s), weight {args.sources[name]:g})" for name, files in shards.items()),
+            f"resuming after batch {state['batches']}" if state else "starting fresh",
+        )  # fmt: skip
 
     def __next__(self) -> tuple[Batch, dict]:
         if self._prefetcher is not None:

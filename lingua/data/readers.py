@@ -19,7 +19,8 @@ Order within a share
 Bad input
     A line that is not UTF-8, not a JSON object, lacks the text key, or has empty text is a
     *problem*. Problems are counted per reason in the reader state and logged with ``file:line``
-    (the first few in full, then only running totals); with ``strict`` the first one raises
+    (the first few in full, then only running totals at 10, 100, 1000, ...); a bad line is
+    counted again in every epoch that reads it. With ``strict`` the first one raises
     :class:`DataError` naming ``file:line``. An epoch that yields no valid document is an error,
     because looping over it would never end.
 """
