@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -273,7 +274,11 @@ def run_shard(job: Job, shard: int) -> dict:
 
 
 def _local_teacher_report(backend: str, responses) -> dict:
-    """Counts for teachers without their own report (in-process ones cost nothing)."""
+    """Counts for teachers without their own report (in-process ones cost nothing). Integer
+    usage entries are summed, so a teacher's own counters (the oracle's) reach the lineage."""
+    usage_totals: Counter = Counter()
+    for r in responses:
+        usage_totals.update({k: v for k, v in r.usage.items() if isinstance(v, int)})
     return {
         "backend": backend,
         "requests": len(responses),
@@ -284,6 +289,7 @@ def _local_teacher_report(backend: str, responses) -> dict:
         "input_tokens": sum(int(r.usage.get("input_tokens", 0)) for r in responses),
         "output_tokens": sum(int(r.usage.get("output_tokens", 0)) for r in responses),
         "estimated_cost_usd": 0.0,
+        "usage_totals": dict(usage_totals),
     }
 
 
@@ -327,6 +333,11 @@ def _lineage(job: Job, reports: list[dict], written: dict) -> dict:
     teacher_keys = ("requests", "cache_hits", "sent", "succeeded", "failed", "truncated", "retried",
                     "input_tokens", "output_tokens", "cached_input_tokens", "cached_output_tokens", "estimated_cost_usd")
     totals = {k: sum(r.get("teacher", {}).get(k, 0) for r in reports) for k in teacher_keys}
+    usage: Counter = Counter()
+    for r in reports:
+        usage.update(r.get("teacher", {}).get("usage_totals", {}))
+    if usage:
+        totals["usage_totals"] = dict(usage)
     counts = {k: sum(r.get(k, 0) for r in reports) for k in ("documents", "requests", "failed", "latents", "latent_chars", "text_chars", "truncated")}
     return {
         "dataset": str(job.out),

@@ -188,7 +188,7 @@ class OpenAIBatchTeacher(ApiTeacher):
                     self.api, "batches.retrieve", self.redact,
                 )
                 counts = getattr(batch, "request_counts", None)
-                done = (counts.completed or 0) + (counts.failed or 0) if counts else 0
+                done = (getattr(counts, "completed", 0) or 0) + (getattr(counts, "failed", 0) or 0)
                 if done != last_progress.get(part) or batch.status in TERMINAL:
                     progressed = True
                 last_progress[part] = done
@@ -197,6 +197,7 @@ class OpenAIBatchTeacher(ApiTeacher):
                     open_.remove(part)
             if not open_ and not waiting:
                 break
+            bar.set_postfix({**meter.postfix(), "open_batches": len(open_), "done_in_open": sum(last_progress.get(p, 0) for p in open_)})
             if self.batch.max_wait_s and time.monotonic() - started > self.batch.max_wait_s:
                 ids = [self.ledger.parts[p]["batch_id"] for p in open_]
                 raise TimeoutError(f"batches still running after {self.batch.max_wait_s}s: {ids}; rerun to resume polling")
@@ -246,6 +247,8 @@ class OpenAIBatchTeacher(ApiTeacher):
 
     def _collect(self, part, batch, pending, results, errors, meter, bar) -> None:
         """Join a finished batch's output and error files with the part's requests."""
+        import openai
+
         state = self.ledger.parts[part]
         keys = self._part_keys(state)
         status = batch.status
@@ -254,7 +257,12 @@ class OpenAIBatchTeacher(ApiTeacher):
         for file_id in (getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)):
             if not file_id:
                 continue
-            text = call_with_retries(lambda: self.client.files.content(file_id).text, self.api, "files.content", self.redact)
+            try:
+                text = call_with_retries(lambda: self.client.files.content(file_id).text, self.api, "files.content", self.redact)
+            except openai.NotFoundError:
+                # e.g. deleted by delete_output_files before a kill: its requests are resubmitted
+                logger.warning("%s: result file %s is gone; its requests count as unanswered", part, file_id)
+                continue
             for line in text.splitlines():
                 if not line.strip():
                     continue

@@ -1,0 +1,224 @@
+"""The OpenAI backends end to end through the official client against a local fake server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apps.bolt.chunking import ChunkArgs, chunk_text
+from apps.bolt.gen_latents import GenLatentsArgs, main, run
+from apps.bolt.synthetic.corpus import generate_corpus
+from apps.bolt.teachers import LatentRequest
+from apps.bolt.teachers.api import ApiArgs
+from apps.bolt.teachers.openai_batch import BatchArgs
+from apps.bolt.teachers.prompts import PromptSpec, RequestBuilder, Sampling
+
+from tests.fake_openai import FakeOpenAI, default_reply
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-SECRET-4f1d2c3b5a69788796a5b4c3d2e1f0"
+MODEL = "gpt-4o-mini-2024-07-18"
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    server = FakeOpenAI(api_key=KEY)
+    server.start()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    yield server
+    server.stop()
+
+
+def synthetic_source(folder: Path, num_docs: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for doc in generate_corpus(num_docs, seed=3):
+            f.write(json.dumps(doc) + "\n")
+    return folder
+
+
+def cfg_for(tmp_path: Path, fake: FakeOpenAI, name: str, backend: str = "openai_batch", **kw) -> GenLatentsArgs:
+    batch = BatchArgs(poll_interval_s=0.01, poll_max_interval_s=0.05, **kw.pop("batch", {}))
+    api = ApiArgs(base_url=fake.base_url, backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=20, **kw.pop("api", {}))
+    cfg = GenLatentsArgs(src=str(kw.pop("src", tmp_path / "src")), out=str(tmp_path / name), backend=backend,
+                         api=api, batch=batch, progress=False, **kw)
+    cfg.validate()
+    return cfg
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted(folder.glob("*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def expected_latents(recs: list[dict], model: str = MODEL) -> list[list[str]]:
+    """What the fake server answers for every chunk: a function of the exact request body."""
+    builder = RequestBuilder(PromptSpec.for_method("latent_thoughts"), Sampling(model, 6000, 0.7))
+    out = []
+    for rec in recs:
+        chunks = chunk_text(rec["text"], ChunkArgs())
+        out.append([default_reply(builder.body(LatentRequest(rec["id"], i, c.prefix, c.suffix))) for i, c in enumerate(chunks)])
+    return out
+
+
+def test_batch_flow_resubmits_failed_expired_and_invalid_batches(tmp_path, fake):
+    synthetic_source(tmp_path / "src")
+    fake.batch_modes = ["partial", "expire", "fail"]
+    cfg = cfg_for(tmp_path, fake, "out", batch={"max_requests_per_batch": 4})
+    lineage = run(cfg)["lineage"]
+    recs = records(tmp_path / "out")
+    assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
+    n = sum(r["num_chunks"] for r in recs)
+    assert 8 < n <= 12  # three parts in the first round
+    report = json.loads((tmp_path / "out" / "_work" / "shard_00000_of_00001" / "openai_batch_report.json").read_text())
+    assert report["requests"] == report["succeeded"] == n and report["failed"] == 0 and report["cache_hits"] == 0
+    assert report["batch_statuses"]["expired"] == 1 and report["batch_statuses"]["failed"] == 1
+    assert report["rounds"] == 2 and report["sent"] > n  # the failed ones were sent twice
+    # Only the failed / unanswered requests were resubmitted, in parts halved after the failure.
+    first_round = sum(b["request_counts"]["total"] for b in list(fake.batches.values())[:3])
+    resent = sum(b["request_counts"]["total"] for b in list(fake.batches.values())[3:])
+    assert first_round == n and resent == report["sent"] - n and resent < n
+    assert max(b["request_counts"]["total"] for b in list(fake.batches.values())[3:]) <= 2
+    # Every request is answered once, tokens and cost add up.
+    lines = [json.loads(x) for b in fake.batches.values() if b["output_file_id"]
+             for x in fake.files[b["output_file_id"]]["data"].splitlines()]
+    assert len(lines) == n  # each request answered exactly once over all batches
+    assert report["output_tokens"] == sum(x["response"]["body"]["usage"]["completion_tokens"] for x in lines)
+    assert report["input_tokens"] == sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in lines)
+    assert report["estimated_cost_usd"] == pytest.approx((report["input_tokens"] * 0.075 + report["output_tokens"] * 0.30) / 1e6, abs=1e-6)
+    assert lineage["teacher_totals"]["output_tokens"] == report["output_tokens"]
+    # Input files were deleted after use; the ledger holds every batch id.
+    inputs = [b["input_file_id"] for b in fake.batches.values()]
+    assert not any(f in fake.files for f in inputs)
+    ledger = [json.loads(x) for x in (tmp_path / "out" / "_work" / "shard_00000_of_00001" / "batches.jsonl").read_text().splitlines()]
+    assert sorted(e["batch_id"] for e in ledger if e["event"] == "created") == sorted(fake.batches)
+
+
+def test_batch_parts_respect_request_and_byte_limits(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 4)
+    for name, limits in (("by_count", {"max_requests_per_batch": 3}), ("by_bytes", {"max_bytes_per_batch": 4000})):
+        first = len(fake.batches)
+        run(cfg_for(tmp_path, fake, name, batch={**limits, "delete_input_files": False}))
+        parts = [fake.files[b["input_file_id"]]["data"] for b in list(fake.batches.values())[first:]]
+        counts = [len(p.splitlines()) for p in parts]
+        assert sum(counts) == sum(r["num_chunks"] for r in records(tmp_path / name))
+        if name == "by_count":
+            assert counts[:-1] == [3] * (len(counts) - 1) and 1 <= counts[-1] <= 3
+        else:  # each part is as full as the byte limit allows
+            assert all(len(p) <= 4000 for p in parts) and len(parts) >= 3
+            lines = [p.splitlines(keepends=True) for p in parts]
+            assert all(len(p) + len(nxt[0]) > 4000 for p, nxt in zip(parts, lines[1:]))
+
+
+def test_killed_client_resumes_polling_and_pays_once(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 3)
+    fake.release.clear()  # batches stay in progress
+    out = tmp_path / "out"
+    args = [f"src={tmp_path / 'src'}", f"out={out}", "backend=openai_batch", f"api.base_url={fake.base_url}",
+            "batch.poll_interval_s=0.05", "batch.poll_max_interval_s=0.1", "progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "apps.bolt.gen_latents", *args], cwd=ROOT,
+                            env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ledger = out / "_work" / "shard_00000_of_00001" / "batches.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and fake.calls["GET /v1/batches/{id}"] < 2:
+        time.sleep(0.05)
+    assert fake.calls["GET /v1/batches/{id}"] >= 2, proc.stderr.read().decode() if proc.poll() is not None else "no polls"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert '"event": "created"' in ledger.read_text() and not (out / "COMPLETE").exists()
+    (batch_id,) = fake.batches
+    fake.release.set()
+    run(cfg_for(tmp_path, fake, "out"))
+    assert list(fake.batches) == [batch_id] and fake.calls["POST /v1/batches"] == 1 and fake.calls["POST /v1/files"] == 1
+    recs = records(out)
+    assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
+    report = json.loads((out / "_work" / "shard_00000_of_00001" / "openai_batch_report.json").read_text())
+    assert report["batches_resumed"] == 1 and report["batches_created"] == 0
+
+
+def test_chat_retries_rate_limits_and_server_errors(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 3)
+    fake.chat_faults = [429, 500, 503]
+    cfg = cfg_for(tmp_path, fake, "out", backend="openai_chat")
+    run(cfg)
+    recs = records(tmp_path / "out")
+    n = sum(r["num_chunks"] for r in recs)
+    assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
+    report = json.loads((tmp_path / "out" / "_work" / "shard_00000_of_00001" / "openai_chat_report.json").read_text())
+    assert report["retried"] == 3 and report["succeeded"] == n and fake.calls["POST /v1/chat/completions"] == n + 3
+
+
+def test_chat_failure_fails_shard_and_rerun_sends_only_the_failed_request(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 3)
+    fake.chat_faults = [400]  # not retryable
+    cfg = cfg_for(tmp_path, fake, "out", backend="openai_chat")
+    with pytest.raises(RuntimeError, match=r"1 of \d+ requests failed .*BadRequestError"):
+        run(cfg)
+    sent = fake.calls["POST /v1/chat/completions"]
+    run(cfg)
+    assert fake.calls["POST /v1/chat/completions"] == sent + 1
+    recs = records(tmp_path / "out")
+    assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
+
+
+def test_cache_hits_on_rerun_send_nothing_across_backends(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 3)
+    run(cfg_for(tmp_path, fake, "first"))
+    before = sum(fake.calls.values())
+    cache = str(tmp_path / "first" / "_work" / "cache.sqlite")
+    for name, backend in (("again_batch", "openai_batch"), ("again_chat", "openai_chat")):
+        run(cfg_for(tmp_path, fake, name, backend=backend, cache_path=cache))
+        assert records(tmp_path / name) == [
+            {**r, "latent_source": {**r["latent_source"], "backend": backend}} for r in records(tmp_path / "first")
+        ]
+    assert sum(fake.calls.values()) == before  # not a single HTTP request
+    # a changed sampling parameter misses the cache
+    run(cfg_for(tmp_path, fake, "hotter", backend="openai_chat", cache_path=cache, temperature=1.0))
+    assert fake.calls["POST /v1/chat/completions"] == sum(r["num_chunks"] for r in records(tmp_path / "first"))
+
+
+def test_api_key_is_never_written_or_logged(tmp_path, fake, monkeypatch, capfd):
+    synthetic_source(tmp_path / "src", 2)
+    run(cfg_for(tmp_path, fake, "batch"))
+    # key from a .env file instead of the environment
+    monkeypatch.delenv("OPENAI_API_KEY")
+    dotenv = tmp_path / "secrets" / ".env"
+    dotenv.parent.mkdir()
+    dotenv.write_text(f"OPENAI_API_KEY={KEY}\n")
+    run(cfg_for(tmp_path, fake, "chat", backend="openai_chat", api={"dotenv_path": str(dotenv)}))
+    assert not os.environ.get("OPENAI_API_KEY")  # read without exporting it
+    # A wrong key: the fake's 401 quotes it verbatim; the CLI's error output must not.
+    wrong = "sk-wrong-0000111122223333444455556666"
+    monkeypatch.setenv("OPENAI_API_KEY", wrong)
+    with pytest.raises(SystemExit):
+        main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'denied'}", "backend=openai_batch",
+              f"api.base_url={fake.base_url}", "progress=false"])
+    captured = capfd.readouterr()
+    assert "Incorrect API key provided: <redacted>" in captured.err
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != dotenv]
+    assert len(written) > 20
+    for secret in (KEY, wrong, KEY[10:30]):
+        assert secret not in captured.out and secret not in captured.err
+        assert not [str(p) for p in written if secret.encode() in p.read_bytes()]
+
+
+def test_oracle_and_openai_backends_produce_the_same_schema(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 4)
+    outs = {}
+    for backend in ("oracle", "openai_batch", "openai_chat"):
+        run(cfg_for(tmp_path, fake, backend, backend=backend))
+        outs[backend] = records(tmp_path / backend)
+    oracle = outs["oracle"]
+    assert sum(bool(c["latent"]) for r in oracle for c in r["chunks"]) > len(oracle)  # true derivations found
+    for backend, recs in outs.items():
+        assert [sorted(r) for r in recs] == [sorted(r) for r in oracle], backend
+        assert [[sorted(c) for c in r["chunks"]] for r in recs] == [[sorted(c) for c in r["chunks"]] for r in oracle], backend
+        assert [[c["suffix"] for c in r["chunks"]] for r in recs] == [[c["suffix"] for c in r["chunks"]] for r in oracle]
+        assert all("".join(c["suffix"] for c in r["chunks"]) == r["text"] for r in recs)
+        assert sorted(recs[0]["latent_source"]) == ["backend", "method", "model", "prompt", "repeat"]
