@@ -67,6 +67,15 @@ def test_deterministic(tmp_path):
     assert read_set(tmp_path / "c" / "validation") != read_set(tmp_path / "a" / "validation")
 
 
+def test_parallel_token_counting_matches(tmp_path):
+    run(cfg(tmp_path / "one"))
+    run(cfg(tmp_path / "two", num_workers=2))
+    one, two = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
+    assert {k: v for k, v in one.items() if k.endswith(".json") or k.endswith(".jsonl")} == {
+        k: v for k, v in two.items() if k.endswith(".json") or k.endswith(".jsonl")
+    }
+
+
 def test_disjoint_subsets_and_budgets(tmp_path):
     info = run(cfg(tmp_path))
     sets = {name: read_set(tmp_path / name) for name in ["validation", "warm", "boot", "rest"]}
@@ -277,3 +286,12 @@ def test_synthetic_world_sets(tmp_path):
     assert info["eval"]["num_docs"] == 12 + 6 + 3  # test + dev + the default 3 few-shot exemplars
     assert not list(tmp_path.glob(".eval.building"))
     assert run(c) == info  # idempotent, eval included
+
+
+def test_no_usable_documents(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": " "}\n{oops\n')
+    with pytest.raises(PrepareError, match="no usable documents"):
+        run(from_dict(PrepareArgs, {"out_dir": str(tmp_path / "out"), "source": {"path": str(src)}}))
+    with pytest.raises(prep.SourceError, match="no .jsonl files found"):
+        run(from_dict(PrepareArgs, {"out_dir": str(tmp_path / "out"), "source": {"path": str(tmp_path / "nope")}}))

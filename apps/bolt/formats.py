@@ -200,7 +200,6 @@ def make_layout(name: str = "random", **options: Any) -> Formatter:
             return "".join(text for text, _ in parts)
         return to_spans(parts, latent_loss=False)
 
-    formatter.layout_args = args  # type: ignore[attr-defined]
     return formatter
 
 

@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import sys
+from array import array
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,7 +210,7 @@ def stage(src: SourceArgs, root: Path, strict: bool) -> Staged:
         _reset_folder(folder)
         bad: dict[str, int] = {}
         reported: list[str] = []
-        offsets: list[int] = []
+        offsets = array("q")  # compact: one int64 per document
         pos = 0
         with _atomic_lines(folder / "docs.jsonl") as out:
             for record, where, reason in SOURCE_KINDS[src.kind](src):
@@ -226,7 +227,7 @@ def stage(src: SourceArgs, root: Path, strict: bool) -> Staged:
                 offsets.append(pos)
                 pos += len(line.encode("utf-8"))
                 out.write(line)
-        np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(folder / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
         info = {"fingerprint": fingerprint, "num_docs": len(offsets), "bad": bad, "bad_examples": reported}
         mark_done(folder, info)
         if bad:
@@ -290,6 +291,7 @@ def _tokenizer_info(args: TokenizerArgs, tok) -> dict:
 def _source_info(staged: Staged) -> dict:
     return {
         "config": staged.info["fingerprint"]["source"],
+        "input_files": staged.info["fingerprint"].get("files"),
         "usable_docs": len(staged),
         "bad_inputs": staged.info["bad"],
         "bad_examples": staged.info["bad_examples"],
