@@ -18,15 +18,17 @@ complete folders plus the steps listed in ``keep_steps``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -48,8 +50,8 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
 PARAMS = "params.json"
-# Test hook: seconds to sleep after the shards and train state are written but before the
-# COMPLETE marker, so a test can kill the process in the middle of a checkpoint write.
+# Test hook, "<step>:<seconds>": when saving that step, sleep after the shards and the train
+# state are written but before the COMPLETE marker, so a test can kill the process mid-write.
 PAUSE_ENV = "LINGUA_TEST_CKPT_PAUSE"
 
 
@@ -93,6 +95,23 @@ def list_checkpoints(ckpt_dir: str | os.PathLike, complete_only: bool = True) ->
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save/load; that is our plain-process mode, not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _test_pause(step: int) -> None:
+    spec = os.environ.get(PAUSE_ENV, "")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            logger.warning("%s: sleeping %ss before writing COMPLETE of step %d", PAUSE_ENV, seconds, step)
+            time.sleep(float(seconds))
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,15 +181,13 @@ class CheckpointManager:
             folder.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
         if self.env.is_main:
             atomic_write_json(folder / TRAIN_STATE, train_state)
             atomic_write_text(folder / CONFIG, config_yaml)
             atomic_write_json(folder / PARAMS, model_params)
-            pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-            if pause > 0:
-                logger.warning("%s: sleeping %.1fs before the COMPLETE marker", PAUSE_ENV, pause)
-                time.sleep(pause)
+            _test_pause(step)
         barrier()
         if self.env.is_main:
             mark_done(folder, {"step": step})
@@ -185,7 +202,8 @@ class CheckpointManager:
             raise FileNotFoundError(f"{folder} is not a complete checkpoint (no COMPLETE marker)")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         logger.info("resumed model and optimizer from %s", folder)
         return json.loads((folder / TRAIN_STATE).read_text())
@@ -231,7 +249,8 @@ def consolidate(step_dir: str | os.PathLike, tokenizer: Any = None, out_dir: str
     margs = from_dict(TransformerArgs, json.loads((step_dir / PARAMS).read_text()), str(step_dir / PARAMS))
     model = Transformer(margs)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
     train_state = json.loads((step_dir / TRAIN_STATE).read_text())
     save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
