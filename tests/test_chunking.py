@@ -89,6 +89,7 @@ def test_leading_newlines_are_kept():
         ("Compute 5! = 120 now. Done", ["Compute 5! = 120 now.", " Done"]),
         ("Options:\nA. 12\nB. 13\n1. First. Second", ["Options:\nA. 12\nB. 13\n1. First.", " Second"]),
         ("So $x=2$. $y$ is 3.", ["So $x=2$.", " $y$ is 3."]),
+        ("Is 7 even? No. It is odd. See No. 5 below.", ["Is 7 even?", " No.", " It is odd.", " See No. 5 below."]),
     ],
 )
 def test_sentence_rules(text, expected):

@@ -55,11 +55,13 @@ _ENUMERATOR = re.compile(r"(?:\d{1,3}|[A-Za-z]|[ivxlcIVXLC]{1,5})")
 ABBREVIATIONS = frozenset(
     """
     mr mrs ms dr prof sr jr st mt rev gen col lt sgt capt hon
-    fig figs eq eqs eqn eqns no nos vol vols ch chap sec secs thm lem prop cor def defn ex exs
+    fig figs eq eqs eqn eqns vol vols ch chap sec secs thm lem prop cor def defn ex exs
     pp approx ca cf vs viz resp al e.g i.e a.k.a w.r.t
     jan feb mar apr jun jul aug sep sept oct nov dec
     """.split()
 )
+NUMBER_ABBREVIATIONS = frozenset({"no", "nos"})
+"""Abbreviations only before a number ("No. 5"); "No." before a word ends a sentence."""
 _SENTENCE_STARTERS = "\"'\u201c\u2018([{$\\"
 
 
@@ -121,7 +123,7 @@ def _ends_sentence(para: str, m: re.Match) -> bool:
     while start > 0 and not para[start - 1].isspace():
         start -= 1
     token = para[start : m.start()].lstrip("\"'\u201c\u2018([{")
-    if token.lower() in ABBREVIATIONS:
+    if token.lower() in ABBREVIATIONS or (token.lower() in NUMBER_ABBREVIATIONS and nxt.isdigit()):
         return False
     line_start = para.rfind("\n", 0, start) + 1
     if _ENUMERATOR.fullmatch(token) and _is_space(para[line_start:start]):
@@ -275,6 +277,7 @@ def chunk_text(text: str, args: ChunkArgs | None = None) -> list[Chunk]:
 
 __all__ = [
     "ABBREVIATIONS",
+    "NUMBER_ABBREVIATIONS",
     "Chunk",
     "ChunkArgs",
     "SPLIT_MODES",
