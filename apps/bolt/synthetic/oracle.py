@@ -1,0 +1,98 @@
+"""The oracle teacher: the true latent thoughts of synthetic documents, from text alone.
+
+It answers the same requests as the LLM teachers (:mod:`apps.bolt.teachers.base`), so the
+warm-start stage runs offline exactly like the GPT-4o-mini stage on a cluster: chunk the raw
+documents, send (prefix, suffix) pairs, store the returned latents. Nothing but the request text
+is used: the oracle re-parses the statements with the generator's own grammar and recomputes
+their derivations.
+
+Which statements a chunk's latent covers
+    A statement belongs to the chunk that contains its *answer*: the first digit of the number
+    its answer sentence states. The latent of a chunk is the derivations of the statements
+    whose answers lie in its suffix, in text order, joined by spaces; it is empty when there are
+    none (a title-only chunk, or one that ends before an answer). The question may lie in the
+    suffix or in the prefix, so a boundary between a question and its answer puts the
+    derivation right before the answer, where a model has to do the work.
+Statements cut by a chunk boundary
+    * question complete (in prefix + suffix), answer in the suffix: derived in full, whatever is
+      cut; the answer sentence may be cut after its number;
+    * question cut by the start of the *prefix* (possible with word chunking and a short prefix
+      window): not derivable from what is visible; left out and counted in
+      ``usage["partial_statements"]``;
+    * answer after the end of the suffix: left for the next chunk, which holds the answer.
+    A suffix whose stated answer disagrees with the recomputed one still gets the true
+    derivation; ``usage["mismatched_answers"]`` counts those.
+
+Methods: ``latent_thoughts`` (the above) and ``wrap_cot`` (one whole document in, the document
+with every derivation written between its question and answer out; the WRAP-CoT baseline).
+``wrap_baseline`` (style paraphrases) has no oracle and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from apps.bolt.synthetic.corpus import find_problems
+from apps.bolt.synthetic.worlds import LATENT_STYLES
+from apps.bolt.teachers.base import LatentRequest, LatentResponse, register_teacher
+
+DEFAULT_LATENT_STYLE = "steps"
+METHODS = ("latent_thoughts", "wrap_cot")
+
+
+def chunk_latent(prefix: str, suffix: str, style: str = DEFAULT_LATENT_STYLE) -> tuple[str, dict]:
+    """The latent of ``suffix`` given ``prefix`` (see the module docstring) and its counters."""
+    window = prefix + suffix
+    found, fragments = find_problems(window)
+    lo, hi = len(prefix), len(window)
+    mine = [f for f in found if lo <= f.answer_pos < hi]
+    counters = {
+        "statements": len(mine),
+        "partial_statements": sum(1 for f in fragments if f.end > lo),
+        "mismatched_answers": sum(1 for f in mine if not f.stated_ok),
+    }
+    return " ".join(f.problem.latent(style) for f in mine), counters
+
+
+def inline_derivations(text: str) -> tuple[str, dict]:
+    """``text`` with each statement's derivation inserted between its question and answer."""
+    found, fragments = find_problems(text)
+    out, pos = [], 0
+    for f in found:
+        cut = f.line_start + len(f.problem.question)
+        out += [text[pos:cut], " ", f.problem.derivation]
+        pos = cut
+    out.append(text[pos:])
+    counters = {"statements": len(found), "partial_statements": len(fragments), "mismatched_answers": sum(not f.stated_ok for f in found)}
+    return "".join(out), counters
+
+
+class OracleTeacher:
+    """Teacher backend ``oracle``: true derivations for the synthetic world.
+
+    ``latent_style``: ``steps`` (derivation only) or ``restate`` (question, then derivation);
+    see :data:`apps.bolt.synthetic.worlds.LATENT_STYLES`. ``src`` and ``seed`` are accepted
+    because ``gen_latents`` passes them to every backend; the oracle is deterministic and needs
+    neither.
+    """
+
+    def __init__(self, method: str = "latent_thoughts", latent_style: str = DEFAULT_LATENT_STYLE, src: str | None = None, seed: int | None = None):
+        if method not in METHODS:
+            raise ValueError(f"the oracle teacher supports methods {METHODS}, not {method!r}")
+        if latent_style not in LATENT_STYLES:
+            raise ValueError(f"latent_style must be one of {LATENT_STYLES}, got {latent_style!r}")
+        self.method = method
+        self.latent_style = latent_style
+
+    def complete(self, requests: Sequence[LatentRequest]) -> list[LatentResponse]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: LatentRequest) -> LatentResponse:
+        if self.method == "wrap_cot":
+            latent, counters = inline_derivations(request.prefix + request.suffix)
+        else:
+            latent, counters = chunk_latent(request.prefix, request.suffix, self.latent_style)
+        return LatentResponse(latent=latent, finish_reason="stop", usage={"input_tokens": 0, "output_tokens": 0, **counters})
+
+
+register_teacher("oracle", OracleTeacher)
