@@ -83,6 +83,11 @@ def _check_keys(cls: type, data: Any, prefix: str, where: str) -> None:
             raise ConfigError(f"{where}: unknown config key '{prefix}{k}'{hint}")
         sub = hints.get(k)
         if dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise ConfigError(
+                    f"{where}: bad value for config key '{prefix}{k}': expected a section (mapping), "
+                    f"got {type(v).__name__} {v!r}"
+                )
             _check_keys(sub, v, f"{prefix}{k}.", where)
 
 

@@ -341,7 +341,9 @@ def flops_per_token(args: TransformerArgs, seq_len: int) -> float:
 
 
 def build_model(args: TransformerArgs, device: str | torch.device = "cpu", init: bool = True) -> Transformer:
-    model = Transformer(args).to(device)
+    """Allocate directly on ``device`` (``"meta"`` allocates nothing: shapes and counts only)."""
+    with torch.device(device):
+        model = Transformer(args)
     if init:
         model.init_weights()
     return model
