@@ -128,7 +128,7 @@ def read_hf_source(src: SourceArgs) -> Iterator[Item]:
         ds = datasets.load_dataset(src.name, src.config or None, split=src.split, streaming=True)
         for row, record in enumerate(ds):
             yield _check_text(record, src.text_key, f"{what}/{src.split}:row {row}")
-    except (OSError, ConnectionError) as e:  # requests/httpx errors derive from OSError
+    except (OSError, ValueError) as e:  # network errors are OSErrors; unknown configs ValueErrors
         raise SourceError(f"cannot read {what} from the Hugging Face Hub: {str(e).splitlines()[0][:200]}") from e
 
 
