@@ -36,14 +36,14 @@ import torch
 from lingua.consolidated import fingerprint, load_consolidated, read_extra, save_consolidated
 from lingua.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, mark_done
 from lingua.tokenizer import (
+    TIKTOKEN_PAT,
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
-    TIKTOKEN_PAT,
     Tokenizer,
     TokenizerArgs,
-    _strip_dummy_prefix,
+    strip_dummy_prefix,
     build_tokenizer,
 )
 from lingua.transformer import RopeScaling, Transformer, TransformerArgs
@@ -222,7 +222,11 @@ def _llama_config_kwargs(args: TransformerArgs, tokenizer: Optional[Tokenizer]) 
 def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a local HF folder: (sharded) safetensors preferred, else (sharded) .bin."""
     d = Path(hf_dir)
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    layouts = (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    )
+    for single, index in layouts:
         if (d / index).is_file():
             files = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
         elif (d / single).is_file():
@@ -304,7 +308,9 @@ def import_hf(
 # export
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False) -> Path:
+def export_hf(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Consolidated folder -> HF Llama folder (model.safetensors, config.json,
     generation_config.json, tokenizer.json + tokenizer_config.json, COMPLETE).
 
@@ -340,7 +346,8 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **GENERATION_DEFAULTS}
     atomic_write_json(out / "generation_config.json", gen)
     write_hf_tokenizer(tokenizer, out)
-    mark_done(out, {"source": str(ckpt.resolve()), "source_fingerprint": source, "dtype": dtype, "extra": read_extra(ckpt)})
+    info = {"source": str(ckpt.resolve()), "source_fingerprint": source, "dtype": dtype, "extra": read_extra(ckpt)}
+    mark_done(out, info)
     return out
 
 
@@ -367,7 +374,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None
     hf_tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
     )
-    spec = _strip_dummy_prefix(json.loads(hf_tok.to_str()))
+    spec = strip_dummy_prefix(json.loads(hf_tok.to_str()))
     out = Path(out_dir)
     atomic_write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2))
     named = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
@@ -385,11 +392,11 @@ def _to_hf_tokenizer_object(tokenizer: Tokenizer):
     from tokenizers import Tokenizer as HFTok
 
     if isinstance(tokenizer, HFTokenizer):
-        return HFTok.from_str(tokenizer._original.to_str())
+        return HFTok.from_str(tokenizer.original_json())
     if isinstance(tokenizer, ByteTokenizer):
         return _byte_level_tokenizer({bytes([b]): b for b in range(256)}, pattern=None)
     if isinstance(tokenizer, TiktokenTokenizer):
-        return _byte_level_tokenizer(tokenizer.enc._mergeable_ranks, pattern=TIKTOKEN_PAT)
+        return _byte_level_tokenizer(tokenizer.ranks, pattern=TIKTOKEN_PAT)
     if isinstance(tokenizer, SentencePieceTokenizer):
         return _sentencepiece_to_hf(tokenizer)
     raise TypeError(f"cannot export a {type(tokenizer).__name__} to transformers")
@@ -398,9 +405,8 @@ def _to_hf_tokenizer_object(tokenizer: Tokenizer):
 def _byte_level_tokenizer(ranks: dict[bytes, int], pattern: Optional[str]):
     """Byte-level BPE reproducing rank-based BPE (tiktoken); ``ignore_merges`` maps a pre-split
     piece that is itself in the vocabulary straight to its id, as tiktoken does."""
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     b2u = _bytes_to_unicode()
@@ -418,14 +424,15 @@ def _byte_level_tokenizer(ranks: dict[bytes, int], pattern: Optional[str]):
                 merges.append((s(tok[:k]), s(tok[k:])))
     hf = HFTok(BPE(vocab=vocab, merges=merges, ignore_merges=True))
     split = [pre_tokenizers.Split(Regex(pattern), behavior="isolated")] if pattern else []
-    hf.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level])
     hf.decoder = decoders.ByteLevel()
     return hf
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (what ByteLevel uses)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     out, extra = {}, 0
     for b in range(256):
         if b in keep:

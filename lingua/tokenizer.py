@@ -253,7 +253,7 @@ def _token_str(v: Any) -> Optional[str]:
     return v if isinstance(v, str) else None
 
 
-def _strip_dummy_prefix(spec: dict) -> dict:
+def strip_dummy_prefix(spec: dict) -> dict:
     """Remove every way a tokenizer.json adds a leading space, and the decoder step undoing it."""
     changed = False
 
@@ -315,7 +315,7 @@ class HFTokenizer(Tokenizer):
         new = [t for t in extra if original.token_to_id(t) is None]
         original.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
         self._original = original  # saved as is, so transformers sees the usual tokenizer
-        self.tok = HFTok.from_str(json.dumps(_strip_dummy_prefix(json.loads(original.to_str()))))
+        self.tok = HFTok.from_str(json.dumps(strip_dummy_prefix(json.loads(original.to_str()))))
 
         specials = {t.content: i for i, t in original.get_added_tokens_decoder().items() if t.special}
         specials.update({t: original.token_to_id(t) for t in extra})
@@ -362,9 +362,13 @@ class HFTokenizer(Tokenizer):
     def _decode_plain(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def original_json(self) -> str:
+        """tokenizer.json text as the file has it (dummy prefix intact) plus the added tokens."""
+        return self._original.to_str(pretty=True)
+
     def save(self, out_dir: str | Path) -> TokenizerArgs:
         out = Path(out_dir)
-        atomic_write_text(out / self.FILE, self._original.to_str(pretty=True))
+        atomic_write_text(out / self.FILE, self.original_json())
         atomic_write_json(out / self.CONFIG, self.transformers_config())
         return TokenizerArgs("hf", str(out / self.FILE), list(self.extra_special_tokens))
 
@@ -426,9 +430,11 @@ class TiktokenTokenizer(Tokenizer):
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("the tiktoken backend needs `pip install tiktoken`") from e
         self.path = _resolve_file(path, [self.FILE, "tokenizer.model"], "tiktoken")
-        ranks = read_tiktoken_bpe(self.path)
+        self.ranks = ranks = read_tiktoken_bpe(self.path)
         n = max(ranks.values()) + 1
-        self.enc = tiktoken.Encoding(name=self.path.stem, pat_str=TIKTOKEN_PAT, mergeable_ranks=ranks, special_tokens={})
+        self.enc = tiktoken.Encoding(
+            name=self.path.stem, pat_str=TIKTOKEN_PAT, mergeable_ranks=ranks, special_tokens={}
+        )
         self.bos_id, self.eos_id, self.pad_id = n, n + 1, None
         specials = {self.BOS: n, self.EOS: n + 1}
         self._n = _assign_extra(specials, extra, {}, n + 2)
@@ -576,5 +582,6 @@ __all__ = [
     "TokenizerArgs",
     "build_tokenizer",
     "read_tiktoken_bpe",
+    "strip_dummy_prefix",
     "train_tokenizer",
 ]

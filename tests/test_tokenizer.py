@@ -177,10 +177,8 @@ def test_extra_specials_appended_to_existing_vocab(tok_dir, tmp_path):
         assert reloaded.special_ids == added.special_ids
 
 
-_TEXT = st.lists(
-    st.one_of(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581")), st.sampled_from(LATENT)),
-    max_size=5,
-).map("".join)
+_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581")
+_TEXT = st.lists(st.one_of(st.text(_CHARS), st.sampled_from(LATENT)), max_size=5).map("".join)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -224,7 +222,10 @@ def llama_style(tok_dir):
     spec["pre_tokenizer"] = None
     spec["normalizer"] = {
         "type": "Sequence",
-        "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}],
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
     }
     (d / "legacy").mkdir()
     (d / "legacy" / "tokenizer.json").write_text(json.dumps(spec))

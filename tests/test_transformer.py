@@ -149,7 +149,8 @@ def test_every_preset_loads_and_builds_on_meta(name, tmp_path):
 def test_preset_sizes(tmp_path):
     assert set(p.stem for p in PRESETS.glob("*.yaml")) >= {"debug", "tiny", "tinyllama_1b", "llama3_1b"}
     tl = _load_preset("tinyllama_1b.yaml", tmp_path)
-    assert (tl.dim, tl.n_layers, tl.n_heads, tl.kv_heads, tl.ffn_hidden, tl.vocab_size) == (2048, 22, 32, 4, 5632, 32004)
+    shape = (tl.dim, tl.n_layers, tl.n_heads, tl.kv_heads, tl.ffn_hidden, tl.vocab_size)
+    assert shape == (2048, 22, 32, 4, 5632, 32004)
     assert not tl.tie_embeddings and tl.max_seqlen == 2048 and tl.norm_eps == 1e-5 and tl.rope_theta == 10000.0
     n = build_model(tl, device="meta", init=False).num_params()
     assert n == 1_100_064_768  # TinyLlama's 1,100,048,384 + 2 x 4 new rows of 2048
