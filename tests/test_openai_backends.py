@@ -222,3 +222,70 @@ def test_oracle_and_openai_backends_produce_the_same_schema(tmp_path, fake):
         assert [[c["suffix"] for c in r["chunks"]] for r in recs] == [[c["suffix"] for c in r["chunks"]] for r in oracle]
         assert all("".join(c["suffix"] for c in r["chunks"]) == r["text"] for r in recs)
         assert sorted(recs[0]["latent_source"]) == ["backend", "method", "model", "prompt", "repeat"]
+
+
+def _serving_deps_missing() -> str | None:
+    import importlib.util
+
+    missing = [m for m in ("uvicorn", "fastapi", "accelerate") if importlib.util.find_spec(m) is None]
+    return f"transformers serve needs {', '.join(missing)}" if missing else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_serving_deps_missing() is not None, reason=str(_serving_deps_missing()))
+def test_transformers_serve_tiny_exported_model_through_the_chat_backend(tmp_path, monkeypatch):
+    """A real OpenAI-compatible server (``transformers serve``) on a 2-layer model exported by
+    our HF exporter; latents come back through the sync backend (~25 s, mostly server start)."""
+    import socket
+    import urllib.request
+
+    import torch
+
+    from lingua.consolidated import save_consolidated
+    from lingua.hf import export_hf
+    from lingua.tokenizer import TokenizerArgs, build_tokenizer
+    from lingua.transformer import TransformerArgs, build_model
+
+    tok = build_tokenizer(TokenizerArgs(name="bytes"))
+    torch.manual_seed(0)
+    model = build_model(TransformerArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, multiple_of=16, max_seqlen=4096))
+    hf_dir = export_hf(save_consolidated(model, tok, tmp_path / "ckpt"), tmp_path / "hf")
+    tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu", "--dtype", "float32"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "transformers serve did not come up in 120 s"
+                time.sleep(0.5)
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "Solve 2x = 6. So x = 3."}) + "\n")
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server needs no key
+        cfg = GenLatentsArgs(src=str(src), out=str(tmp_path / "out"), backend="openai_chat", model=str(hf_dir),
+                             max_tokens=8, progress=False, api=ApiArgs(base_url=f"http://127.0.0.1:{port}/v1", timeout_s=120))
+        lineage = run(cfg)["lineage"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    (rec,) = records(tmp_path / "out")
+    assert rec["num_chunks"] == len(rec["chunks"]) >= 1
+    assert all(c["latent"] and c["finish_reason"] in ("length", "stop") for c in rec["chunks"])
+    assert all(0 < c["output_tokens"] <= 8 for c in rec["chunks"])
+    assert lineage["teacher_totals"]["input_tokens"] > 300  # the reference prompt, in byte tokens
