@@ -7,9 +7,10 @@ Special tokens
     ``encode`` first splits the text on those strings, encodes the plain segments with the
     backend and splices the single special ids in between; ``decode`` does the inverse, so
     ``decode(encode(s)) == s`` for any text the backend can represent (all text for bytes,
-    byte-level BPE, byte-fallback SentencePiece and byte-complete tiktoken files). Extra special
-    tokens that the backend does not know get ids after its vocabulary, in the order given, so
-    they are stable across save/load.
+    byte-level BPE, byte-fallback SentencePiece and byte-complete tiktoken files; SentencePiece-
+    style vocabularies cannot represent U+2581 "▁", their whitespace marker, which decodes to a
+    space). Extra special tokens that the backend does not know get ids after its vocabulary, in
+    the order given, so they are stable across save/load.
 
 No dummy prefix (deliberate, matching the reference's training tokenizer)
     Llama-style SentencePiece tokenizers prepend a space ("dummy prefix") to every string they
