@@ -206,3 +206,21 @@ def test_bad_config_and_missing_inputs(world, tmp_path):
         _cfg(world, tmp_path / "x", "shard=2", "num_shards=2")
     with pytest.raises(FileNotFoundError, match="no \\*.jsonl files"):
         list(estep.list_docs(tmp_path / "empty"))
+
+
+def test_compute_elbo_matches_per_chunk_bounds_and_orders(world):
+    root, ckpt, _ = world
+    from lingua.consolidated import load_consolidated
+
+    model, tok = load_consolidated(ckpt)
+    engine = Engine(model, tok)
+    docs = DOCS[:2]
+    out = estep.compute_elbo(engine, docs, num_samples=[4, 1, 2], seed=3, max_latent_tokens=8)
+    chars = sum(map(len, docs))
+    assert set(out) == {f"elbo_{n}_{u}" for n in (1, 2, 4) for u in ("per_token", "per_char", "per_doc")}
+    # byte tokenizer: one token per character of these ASCII docs
+    assert out["elbo_4_per_token"] == pytest.approx(out["elbo_4_per_char"] * chars / chars)
+    assert out["elbo_4_per_doc"] == pytest.approx(out["elbo_4_per_char"] * chars / 2)
+    assert out["elbo_1_per_token"] < 0
+    # the same seed reproduces (the order of num_samples does not matter)
+    assert estep.compute_elbo(engine, docs, num_samples=[1, 2, 4], seed=3, max_latent_tokens=8) == out
