@@ -140,7 +140,7 @@ def _process_seed(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+def masked_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """Sum of the cross-entropy over the positions where ``loss_mask`` is True."""
     doc_ids = batch.get("doc_ids")
     logits = model(batch["input"].to(device), doc_ids=None if doc_ids is None else doc_ids.to(device))
@@ -162,6 +162,8 @@ class _Run:
         if self.env.is_main:
             dump_config(cfg, self.dir / "config.yaml")
             logger.info("resolved config:\n%s", self.config_yaml)
+        if cfg.val.source and not (Path(cfg.data.root_dir) / cfg.val.source).is_dir():
+            raise ConfigError(f"val.source: no folder {cfg.val.source!r} under data.root_dir={cfg.data.root_dir}")
         unknown = [n for n in cfg.evals if n not in _EVAL_HOOKS]
         if unknown:
             raise ConfigError(f"evals: unknown eval hook(s) {unknown}; registered: {sorted(_EVAL_HOOKS)}")
@@ -244,7 +246,7 @@ class _Run:
         for i, batch in enumerate(micro):
             with D.no_grad_sync(self.model, skip=i < len(micro) - 1):
                 with D.autocast(cfg.distributed, env):
-                    s = _loss_sum(self.model, batch, env.device)
+                    s = masked_loss_sum(self.model, batch, env.device)
                 (s / denom).backward()
             loss_sum += s.detach().double()
         grad_norm = D.clip_grad_norm_(self.model, cfg.grad_clip)
@@ -265,7 +267,7 @@ class _Run:
             for _ in range(cfg.val.batches):
                 batch, _ = next(it)
                 with D.autocast(cfg.distributed, self.env):
-                    loss_sum += float(_loss_sum(self.model, batch, self.env.device))
+                    loss_sum += float(masked_loss_sum(self.model, batch, self.env.device))
                 count += float(batch["loss_mask"].sum())
             close = getattr(it, "close", None)
             if callable(close):

@@ -35,7 +35,8 @@ def one_thread():
 
 def test_two_process_fsdp_run_matches_one_process_and_resumes_in_one(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    common = {"distributed.data_shards": 2, "data.batch_size": 2, "checkpoint.consolidate": False}
+    # global batch 4 = 2 shards x 2 micro-batches of 1 row: also exercises the no-sync micro-steps
+    common = {"distributed.data_shards": 2, "data.batch_size": 1, "grad_acc_steps": 2, "checkpoint.consolidate": False}
     single = train(debug_cfg(corpus, tmp_path / "single", **common))
 
     run = tmp_path / "fsdp"

@@ -168,6 +168,8 @@ def test_unknown_config_key_is_an_error(corpus, tmp_path):
         main([f"config={DEBUG_YAML}", "optim.learning_rate=1e-3"])
     with pytest.raises(ConfigError, match="dump_dir is required"):
         load_config(BoltTrainArgs, None, [])
+    with pytest.raises(ConfigError, match="val.source"):
+        train(debug_cfg(corpus, tmp_path / "run", **{"val.source": "heldout"}))
     with pytest.raises(ConfigError, match="max_seqlen"):
         debug_cfg(corpus, tmp_path, **{"data.seq_len": 512})
 

@@ -1,0 +1,148 @@
+"""Training-step throughput: our trainer's step vs HF transformers ``LlamaForCausalLM``.
+
+    .venv/bin/python -m benchmarks.train_throughput [--dim 256 --layers 4 --vocab 1024 --seq 256 --batch 8]
+                                                    [--steps 8 --rounds 3 --threads 2 --no-compile]
+
+Both models get the same config (``lingua.hf.to_llama_config``), the same weights (copied with
+``lingua.hf.lingua_to_hf_state_dict`` and checked: logits must agree before anything is timed),
+the same batch, the same masked token-mean cross-entropy, the same AdamW (``lingua.optim``,
+fused where available) and the same once-per-step gradient clipping, so the ratio measures the
+model code and its compilation. "ours" is the model exactly as the trainer runs it
+(``lingua.distributed.parallelize``: per-block ``torch.compile`` when compiled); HF runs its
+default SDPA attention, compiled with ``model.compile()``.
+
+Timing: each variant runs ``--steps`` timed steps after 2 warm-up steps (compilation happens
+there and is reported separately), in ``--rounds`` interleaved rounds, so drift from other
+processes on the machine hits every variant alike; the best round's median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lingua.distributed import DistEnv, DistributedArgs, clip_grad_norm_, parallelize
+from lingua.hf import lingua_to_hf_state_dict, to_llama_config
+from lingua.optim import OptimArgs, build_optimizer
+from lingua.trainer import masked_loss_sum
+from lingua.transformer import TransformerArgs, build_model
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def hf_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The trainer's loss (``masked_loss_sum``) for an HF model."""
+    logits = model(input_ids=batch["input"]).logits
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
+    return (ce * batch["loss_mask"].flatten()).sum()
+
+
+def make_step(model: torch.nn.Module, loss_fn: Callable, batch: dict) -> Callable[[], float]:
+    """One optimizer step as ``lingua.trainer`` takes it (one micro-batch, clip 1.0)."""
+    opt = build_optimizer(model, OptimArgs(lr=1e-4, warmup=0))
+    count = float(batch["loss_mask"].sum())
+
+    def step() -> float:
+        loss = loss_fn(model, batch) / count
+        loss.backward()
+        clip_grad_norm_(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def build_pair(a: argparse.Namespace, compiled: bool) -> tuple[Callable, Callable, dict]:
+    from transformers import LlamaForCausalLM
+
+    args = TransformerArgs(
+        dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, hidden_dim=a.hidden,
+        vocab_size=a.vocab, max_seqlen=a.seq,
+    )  # fmt: skip
+    ours = build_model(args)
+    config = to_llama_config(args)
+    config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(config)
+    hf.load_state_dict(lingua_to_hf_state_dict(ours.state_dict(), args), strict=False)
+    hf.train()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=gen)
+    batch = {"input": tokens[:, :-1], "target": tokens[:, 1:], "loss_mask": torch.ones(a.batch, a.seq, dtype=torch.bool)}
+    with torch.no_grad():
+        diff = (ours(batch["input"]) - hf(input_ids=batch["input"]).logits).abs().max().item()
+    if diff > 1e-4:
+        raise SystemExit(f"the models disagree (max |logit diff| = {diff:.2e}): weight copy is wrong")
+    ours = parallelize(ours, DistributedArgs(compile=compiled), CPU)
+    if compiled:
+        hf.compile()
+    ours_step = make_step(ours, lambda m, b: masked_loss_sum(m, b, CPU.device), batch)
+    hf_step = make_step(hf, hf_loss_sum, batch)
+    info = {"params_M": sum(p.numel() for p in hf.parameters()) / 1e6, "logit_diff": diff}
+    return ours_step, hf_step, info
+
+
+def warm(step: Callable) -> float:
+    t0 = time.perf_counter()
+    step()
+    step()
+    return time.perf_counter() - t0
+
+
+def timed(step: Callable, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    tokens = a.batch * a.seq
+    modes = ["eager"] + ([] if a.no_compile else ["compiled"])
+    steps: dict[str, Callable] = {}
+    for mode in modes:
+        ours, hf, info = build_pair(a, compiled=mode == "compiled")
+        steps[f"ours_{mode}"], steps[f"hf_{mode}"] = ours, hf
+        for name in (f"ours_{mode}", f"hf_{mode}"):
+            print(f"{name:15s} warm-up (2 steps, incl. compilation): {warm(steps[name]):6.1f}s", flush=True)
+    print(f"model: {info['params_M']:.2f}M params, dim={a.dim} layers={a.layers} vocab={a.vocab}; "
+          f"batch {a.batch}x{a.seq}; threads={a.threads}; torch {torch.__version__}; "
+          f"max |logit diff| ours vs HF = {info['logit_diff']:.1e}")  # fmt: skip
+    best: dict[str, float] = {}
+    for r in range(a.rounds):
+        for name, step in steps.items():
+            s = timed(step, a.steps)
+            best[name] = min(best.get(name, float("inf")), s)
+    base = tokens / best["hf_eager"]
+    results = {}
+    for name, s in best.items():
+        results[name] = tokens / s
+        print(f"{name:15s} {s * 1e3:8.1f} ms/step  {tokens / s:9.0f} tok/s  {tokens / s / base:5.2f}x HF eager")
+    return results
+
+
+if __name__ == "__main__":
+    main()
