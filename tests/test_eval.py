@@ -306,6 +306,28 @@ def test_latent_gsm8k_filters(tok, tmp_path):
     assert got == {"strict-match": 0.0, "flexible-extract": 1.0, "latent-strict-match": 0.0, "latent-flexible-extract": 0.0}
 
 
+@pytest.mark.parametrize("variant", ["raw", "latent"])
+def test_synthetic_task_grades_like_the_world(tok, tmp_path, variant):
+    from apps.bolt.synthetic.tasks import grade, write_eval_files
+
+    write_eval_files(tmp_path / "eval", n_test=6, n_dev=1)
+    docs = [json.loads(x) for x in (tmp_path / "eval" / "test.jsonl").read_text().splitlines()]
+
+    def generation(doc):  # right answers for even ids; odd ones never reach an answer
+        target = doc[f"target_{variant}"]
+        good = int(doc["id"][-1]) % 2 == 0
+        return target if good else target.split(EOL)[0] if variant == "latent" else " I am not sure."
+
+    def answer(prompt, seed):
+        (doc,) = [d for d in docs if prompt.endswith(d[f"query_{variant}"])]
+        return generation(doc)
+
+    cfg = EvalArgs(tasks="synthetic_cot", variant=variant, data_root=str(tmp_path), out_dir=str(tmp_path / "o"), metrics_file="none")
+    (value,) = [v["mean"] for v in run(cfg, backend=Scripted(tok, answer))["summary"].values()]
+    expected = np.mean([grade(generation(d), d["answer"], variant) for d in docs])
+    assert value == pytest.approx(expected) == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------- checkpoints and the CLI
 def _fake_run(tmp_path, model, tok, layout):
     """RUN/checkpoints/0000000007/ as the trainer writes it (DCP shards, train state, config)."""

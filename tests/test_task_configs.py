@@ -23,8 +23,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "apps" / "bolt" / "configs"
 
 
 @pytest.fixture(scope="module")
-def lib():
-    return TaskLibrary(data_root=ASSETS)
+def data_root(tmp_path_factory):
+    """The hand-written benchmark samples plus a small set of synthetic eval files."""
+    from apps.bolt.synthetic.tasks import write_eval_files
+
+    root = tmp_path_factory.mktemp("eval_data")
+    for p in ASSETS.iterdir():
+        (root / p.name).symlink_to(p)
+    write_eval_files(root / "eval", n_test=6, n_dev=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lib(data_root):
+    return TaskLibrary(data_root=data_root)
 
 
 def _leaf_names(lib):
@@ -34,8 +46,8 @@ def _leaf_names(lib):
 def test_every_yaml_is_indexed(lib):
     """Each *.yaml under configs/tasks defines exactly one task or group that lm-eval indexes."""
     yamls = sorted(TASKS_DIR.rglob("*.yaml"))
-    assert len(yamls) == len(lib.names) == 2 * (1 + 8 + 20)  # gsm8k, math 7+group, mmlu 19+group
-    assert {"gsm8k_cot", "hendrycks_math_cot", "mmlu_stem_cot"} <= set(lib.names)
+    assert len(yamls) == len(lib.names) == 2 * (1 + 8 + 20 + 1)  # gsm8k, math 7+group, mmlu 19+group, synthetic
+    assert {"gsm8k_cot", "hendrycks_math_cot", "mmlu_stem_cot", "synthetic_cot"} <= set(lib.names)
 
 
 def test_every_task_builds_from_local_files(lib):
@@ -67,18 +79,23 @@ def test_raw_and_latent_variants_pair_up(lib):
         if name.startswith(LATENT_PREFIX):
             continue
         raw, lat = lib.config(name), lib.config(twin)
-        for key in ("dataset_kwargs", "num_fewshot", "test_split", "output_type"):
+        for key in ("dataset_kwargs", "num_fewshot", "test_split", "fewshot_split", "output_type"):
             assert raw.get(key) == lat.get(key), (name, key)
         assert raw["target_delimiter"] == lat["target_delimiter"] == ""
         raw_until, lat_until = raw["generation_kwargs"]["until"], lat["generation_kwargs"]["until"]
-        # raw models stop before any latent token; latent models may close a thought but not open a new one
-        assert SOL in raw_until and EOL in raw_until
+        # raw prompts stop at the end of a thought (formats.EvalFormat.stop_strings); latent
+        # models may close a thought but not open a new one
+        assert EOL in raw_until
         assert SOL in lat_until and EOL not in lat_until
         assert raw["generation_kwargs"]["do_sample"] is False
 
 
 def test_stop_strings_cover_the_eval_formats(lib):
-    for task, style in [("gsm8k_cot", GSM8K_STYLE), ("hendrycks_math_cot_algebra", MATH_STYLE), ("mmlu_stem_cot_anatomy", F.MMLU_STYLE)]:
+    from apps.bolt.synthetic.tasks import FORMAT as SYNTHETIC_STYLE
+
+    styles = [("gsm8k_cot", GSM8K_STYLE), ("hendrycks_math_cot_algebra", MATH_STYLE), ("mmlu_stem_cot_anatomy", F.MMLU_STYLE),
+              ("synthetic_cot", SYNTHETIC_STYLE)]
+    for task, style in styles:
         for latent in (False, True):
             cfg = lib.config(LATENT_PREFIX + task if latent else task)
             assert set(style.stop_strings(latent)) <= set(cfg["generation_kwargs"]["until"]), (task, latent)
@@ -118,6 +135,26 @@ def test_math_and_mmlu_prompts(lib):
         "Question: Which organ pumps blood through the body?\n(A) lungs\n(B) heart\n(C) liver\n(D) kidney\nAnswer:"
     )
     assert task.doc_to_target(next(iter(task.test_docs()))) == "(B)"
+
+
+@pytest.mark.parametrize("variant", ["raw", "latent"])
+def test_synthetic_task_matches_the_world(lib, data_root, variant):
+    """lm-eval's prompt is the world's own build_prompt; the YAML agrees with meta.json."""
+    import json
+
+    from apps.bolt.synthetic.tasks import build_prompt, generate_eval_problems
+
+    name = "latent_synthetic_cot" if variant == "latent" else "synthetic_cot"
+    meta = json.loads((data_root / "eval" / "meta.json").read_text())
+    cfg = lib.config(name)
+    assert cfg["description"] == meta["description"] and cfg["fewshot_delimiter"] == meta["fewshot_delimiter"]
+    assert cfg["num_fewshot"] == meta["num_fewshot"] and cfg["fewshot_config"]["sampler"] == meta["fewshot_sampler"]
+    assert cfg["generation_kwargs"]["until"] == meta[f"until_{variant}"]
+    assert cfg["generation_kwargs"]["max_gen_toks"] == meta["max_gen_toks"]
+    (task,) = lib.build([name])
+    task.build_all_requests(limit=3)
+    items, shots = generate_eval_problems(6, 0, "test"), generate_eval_problems(3, 0, "fewshot")
+    assert [i.args[0] for i in task.instances] == [build_prompt(items[i.doc_id], shots, variant) for i in task.instances]
 
 
 def test_hub_datasets_without_data_root():

@@ -165,3 +165,21 @@ def mmlu_fewshot() -> list[dict]:
 
 def latent_mmlu_fewshot() -> list[dict]:
     return [_mmlu_shot(e, latent=True) for e in MMLU_STEM]
+
+
+# ------------------------------------------------------------------------------- synthetic world
+def synthetic_answer_filter(resps, docs) -> list[list[str]]:
+    """The synthetic world's own extraction rule (:func:`apps.bolt.synthetic.tasks.extract_answer`)."""
+    return _apply(lambda t: _synthetic(t, "raw"), resps)
+
+
+def latent_synthetic_answer_filter(resps, docs) -> list[list[str]]:
+    """The same rule on the text after the thought; an unclosed thought gives no answer."""
+    return _apply(lambda t: _synthetic(t, "latent"), resps)
+
+
+def _synthetic(text: str, variant: str) -> str:
+    from apps.bolt.synthetic.tasks import extract_answer
+
+    got = extract_answer(text, variant)
+    return answers.INVALID if got is None else got
