@@ -18,6 +18,8 @@ Behaviour is scripted through attributes:
 * ``chat_faults``: HTTP statuses returned by the next chat requests, one per request (429s
   carry ``retry-after``).
 * ``reply``: function of a request body returning the completion text.
+* ``drop_create_responses``: the next N ``POST /v1/batches`` create the batch but answer 502, as
+  when a response is lost on the wire.
 
 Counters in ``calls`` (per endpoint) and the created batches in ``batches`` let tests assert
 what the client did. A wrong key gets a 401 whose message contains the key verbatim (worse than
@@ -55,6 +57,7 @@ class FakeOpenAI:
         self.batch_modes: list[str] = []
         self.fails: Callable[[int, str], bool] = lambda index, custom_id: index % 3 == 0
         self.chat_faults: list[int] = []
+        self.drop_create_responses = 0
         self.reply: Callable[[dict], str] = default_reply
         self.release = threading.Event()
         self.release.set()
@@ -238,6 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "request_counts": {"total": n, "completed": 0, "failed": 0}, "metadata": request.get("metadata"),
                     "_state": {"mode": mode, "polls": 0, "n": n},
                 }
+                if fake.drop_create_responses:
+                    fake.drop_create_responses -= 1
+                    return self._error(502, "Bad gateway")
                 return self._send(200, fake.public(fake.batches[batch_id]))
             m = re.fullmatch(r"/v1/batches/([\w-]+)/cancel", path)
             if m and m.group(1) in fake.batches:

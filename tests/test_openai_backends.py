@@ -142,6 +142,15 @@ def test_killed_client_resumes_polling_and_pays_once(tmp_path, fake):
     assert report["batches_resumed"] == 1 and report["batches_created"] == 0
 
 
+def test_batch_created_but_response_lost_is_adopted_not_duplicated(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 2)
+    fake.drop_create_responses = 1
+    run(cfg_for(tmp_path, fake, "out"))
+    assert len(fake.batches) == 1 and fake.calls["POST /v1/batches"] == 1
+    report = json.loads((tmp_path / "out" / "_work" / "shard_00000_of_00001" / "openai_batch_report.json").read_text())
+    assert report["batches_adopted"] == 1 and report["batches_created"] == 0 and report["failed"] == 0
+
+
 def test_chat_retries_rate_limits_and_server_errors(tmp_path, fake):
     synthetic_source(tmp_path / "src", 3)
     fake.chat_faults = [429, 500, 503]
@@ -167,10 +176,11 @@ def test_chat_failure_fails_shard_and_rerun_sends_only_the_failed_request(tmp_pa
     assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
 
 
-def test_cache_hits_on_rerun_send_nothing_across_backends(tmp_path, fake):
+def test_cache_hits_on_rerun_send_nothing_across_backends(tmp_path, fake, monkeypatch):
     synthetic_source(tmp_path / "src", 3)
     run(cfg_for(tmp_path, fake, "first"))
     before = sum(fake.calls.values())
+    monkeypatch.delenv("OPENAI_API_KEY")  # answered from the cache: no key needed
     cache = str(tmp_path / "first" / "_work" / "cache.sqlite")
     for name, backend in (("again_batch", "openai_batch"), ("again_chat", "openai_chat")):
         run(cfg_for(tmp_path, fake, name, backend=backend, cache_path=cache))
@@ -178,6 +188,7 @@ def test_cache_hits_on_rerun_send_nothing_across_backends(tmp_path, fake):
             {**r, "latent_source": {**r["latent_source"], "backend": backend}} for r in records(tmp_path / "first")
         ]
     assert sum(fake.calls.values()) == before  # not a single HTTP request
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
     # a changed sampling parameter misses the cache
     run(cfg_for(tmp_path, fake, "hotter", backend="openai_chat", cache_path=cache, temperature=1.0))
     assert fake.calls["POST /v1/chat/completions"] == sum(r["num_chunks"] for r in records(tmp_path / "first"))

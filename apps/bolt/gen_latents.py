@@ -195,20 +195,20 @@ class _LogTo:
         for h in self.handlers:
             h.setFormatter(fmt)
             h.addFilter(RedactingFilter(redactor))
-        self.loggers = [logging.getLogger("apps.bolt")]
+        self.logger = logging.getLogger("apps.bolt")
+        self._level = self.logger.level
 
     def __enter__(self) -> "_LogTo":
-        for lg in self.loggers:
-            lg.setLevel(logging.INFO)
-            for h in self.handlers:
-                lg.addHandler(h)
+        self.logger.setLevel(logging.INFO)
+        for h in self.handlers:
+            self.logger.addHandler(h)
         return self
 
     def __exit__(self, *exc) -> None:
-        for lg in self.loggers:
-            for h in self.handlers:
-                lg.removeHandler(h)
-                h.close()
+        for h in self.handlers:
+            self.logger.removeHandler(h)
+            h.close()
+        self.logger.setLevel(self._level)
 
 
 # -- one shard --------------------------------------------------------------------------------
@@ -221,7 +221,10 @@ def _teacher(job: Job, shard: int):
         prompt=job.spec, sampling=job.sampling, api=cfg.api, prices=cfg.prices, cache_path=cache,
         work_dir=job.shard_dir(shard), seed=cfg.seed, system_role=cfg.system_role, progress=cfg.progress,
     )
-    kwargs.update(batch=cfg.batch) if cfg.backend == "openai_batch" else kwargs.update(chat=cfg.chat)
+    if cfg.backend == "openai_batch":
+        kwargs["batch"] = cfg.batch
+    else:
+        kwargs["chat"] = cfg.chat
     return build_teacher(cfg.backend, **kwargs)
 
 

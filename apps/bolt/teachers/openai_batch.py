@@ -108,11 +108,17 @@ class OpenAIBatchTeacher(ApiTeacher):
         super().__init__(**kwargs)
         self.batch = batch or BatchArgs()
         self.max_requests = self.batch.max_requests_per_batch
-        self.client = make_client(self.api, self._key)
+        self._client = None
         self.ledger = BatchLedger(self.work_dir / "batches.jsonl")
         self.requests_dir = self.work_dir / "requests"
         self.requests_dir.mkdir(exist_ok=True)
-        self._stats = {"batches_created": 0, "batches_resumed": 0, "rounds": 0, "batch_statuses": {}}
+        self._stats = {"batches_created": 0, "batches_adopted": 0, "batches_resumed": 0, "rounds": 0, "batch_statuses": {}}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.api, self.key)
+        return self._client
 
     # -- the round loop ---------------------------------------------------------------------
     def _send(self, pending: dict[str, dict], meter: UsageMeter) -> dict[str, LatentResponse]:
@@ -208,34 +214,50 @@ class OpenAIBatchTeacher(ApiTeacher):
     # -- one part ---------------------------------------------------------------------------
     def _ensure_batch(self, part: str) -> None:
         """Make sure ``part`` has an uploaded file and a batch, recording each id at once."""
-        state = self.ledger.parts[part]
-        if "batch_id" in state:
+        import openai
+
+        if "batch_id" in self.ledger.parts[part]:
             return
-        if "file_id" not in state:
+        for attempt in range(2):
+            file_id = self._ensure_upload(part)
+            try:
+                batch, adopted = call_with_retries(lambda: self._create_batch(part, file_id), self.api, "batches.create", self.redact)
+                break
+            except openai.NotFoundError:
+                if attempt:
+                    raise
+                # The recorded upload is gone (deleted, or expired on the server): upload again.
+                logger.warning("%s: input file %s no longer exists; uploading again", part, file_id)
+                self.ledger.append({"part": part, "event": "upload_lost", "file_id": None})
+        self.ledger.append({"part": part, "event": "created", "batch_id": batch.id})
+        self._stats["batches_adopted" if adopted else "batches_created"] += 1
+        verb = "adopted (created before an interruption)" if adopted else "created"
+        logger.info("%s: batch %s %s, %d requests", part, batch.id, verb, self.ledger.parts[part].get("n", 0))
+
+    def _ensure_upload(self, part: str) -> str:
+        state = self.ledger.parts[part]
+        if not state.get("file_id"):
             data = (self.requests_dir / state["requests_file"]).read_bytes()
             uploaded = call_with_retries(
                 lambda: self.client.files.create(file=(f"{part}.jsonl", data, "application/jsonl"), purpose="batch"),
                 self.api, "files.create", self.redact,
             )
             self.ledger.append({"part": part, "event": "uploaded", "file_id": uploaded.id, "bytes": len(data)})
-        file_id = self.ledger.parts[part]["file_id"]
+        return self.ledger.parts[part]["file_id"]
 
-        def create():
-            existing = self._find_batch_for_file(file_id)
-            if existing is not None:
-                logger.info("%s: found batch %s already created for file %s", part, existing.id, file_id)
-                return existing
-            return self.client.batches.create(
-                input_file_id=file_id,
-                endpoint=ENDPOINT,
-                completion_window=self.batch.completion_window,
-                metadata={"description": f"bolt gen_latents {self.work_dir.name} {part}"},
-            )
-
-        batch = call_with_retries(create, self.api, "batches.create", self.redact)
-        self.ledger.append({"part": part, "event": "created", "batch_id": batch.id})
-        self._stats["batches_created"] += 1
-        logger.info("%s: batch %s created (%d requests)", part, batch.id, state.get("n", 0))
+    def _create_batch(self, part: str, file_id: str):
+        """(batch, adopted): an existing batch made from ``file_id`` if there is one (a create
+        that succeeded just before a kill or a dropped response), else a new one."""
+        existing = self._find_batch_for_file(file_id)
+        if existing is not None:
+            return existing, True
+        batch = self.client.batches.create(
+            input_file_id=file_id,
+            endpoint=ENDPOINT,
+            completion_window=self.batch.completion_window,
+            metadata={"description": f"bolt gen_latents {self.work_dir.name} {part}"},
+        )
+        return batch, False
 
     def _find_batch_for_file(self, file_id: str):
         """A batch already created from ``file_id`` among the most recent ones, if any."""

@@ -40,7 +40,7 @@ class OpenAIChatTeacher(ApiTeacher):
         return asyncio.run(self._send_all(pending, meter))
 
     async def _send_all(self, pending: dict[str, dict], meter: UsageMeter) -> dict[str, LatentResponse]:
-        client = make_client(self.api, self._key, use_async=True)
+        client = make_client(self.api, self.key, use_async=True)
         results: dict[str, LatentResponse] = {}
         bar = progress_bar(len(pending), "teacher (chat)", self.progress)
 

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from apps.bolt.teachers.api import ApiArgs, PriceArgs, Redactor, UsageMeter, resolve_api_key
+from apps.bolt.teachers.api import ApiArgs, PriceArgs, Redactor, UsageMeter, resolve_api_key, usage_from_completion
 from apps.bolt.teachers.base import LatentRequest, LatentResponse
 from apps.bolt.teachers.cache import ResponseCache
 from apps.bolt.teachers.prompts import PromptSpec, RequestBuilder, Sampling
@@ -48,9 +48,17 @@ class ApiTeacher:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        self._key = resolve_api_key(api)
-        self.redact = Redactor(self._key)
+        self._key: str | None = None
+        self.redact = Redactor()
         self.last_report: dict = {}
+
+    @property
+    def key(self) -> str:
+        """The API key, resolved on first use: a rerun answered from the cache needs none."""
+        if self._key is None:
+            self._key = resolve_api_key(self.api)
+            self.redact = Redactor(self._key)
+        return self._key
 
     def complete(self, requests: Sequence[LatentRequest]) -> list[LatentResponse]:
         keyed = self.builder.keyed_bodies(list(requests))
@@ -95,8 +103,6 @@ def error_response(message: str) -> LatentResponse:
 
 def completion_to_response(body: dict) -> LatentResponse:
     """A chat.completion JSON body to our response (the content may legitimately be empty)."""
-    from apps.bolt.teachers.api import usage_from_completion
-
     choices = body.get("choices") or []
     if not choices:
         return error_response(f"completion without choices: {json.dumps(body)[:200]}")
