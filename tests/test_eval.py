@@ -15,7 +15,8 @@ from apps.bolt.evaluation import in_training as T
 from apps.bolt.evaluation.checkpoints import resolve_checkpoint
 from apps.bolt.evaluation.harness import BoltLM, ContextOverflow, cut_at_stop
 from apps.bolt.evaluation.results import mean_se
-from apps.bolt.evaluation.runner import HarnessOptions, evaluate_tasks
+from apps.bolt.evaluation.options import HarnessOptions
+from apps.bolt.evaluation.runner import evaluate_tasks
 from apps.bolt.evaluation.tasks import TaskLibrary
 from apps.bolt.formats import EOL, PRIOR, SOL, SPECIAL_TOKENS
 from lingua.consolidated import save_consolidated
@@ -419,6 +420,15 @@ def test_elbo_hook_calls_the_estep_seam(model, tok, monkeypatch):
     assert T.find_compute_elbo() is None
     with pytest.raises(T.ElboUnavailable, match="no_such_module"):
         T.ValidationELBO(DOCS, tok)
+
+
+def test_elbo_hook_with_the_estep(model, tok):
+    """The real E-step function behind the seam, on the tiny model (skipped in a checkout without it)."""
+    if T.find_compute_elbo() is None:
+        pytest.skip(f"{T.ELBO_FUNCTION} not in this checkout")
+    got = T.ValidationELBO(DOCS[:2], tok, num_samples=(1, 2))(model, 1, Path("."))
+    assert set(got) >= {"val/heldout/elbo_1_per_token", "val/heldout/elbo_2_per_token", "val/heldout/elbo_2_per_char"}
+    assert all(math.isfinite(v) and v < 0 for v in got.values())
 
 
 def test_build_eval_hooks_and_task_hook(model, tok, tiny_tasks, tmp_path, monkeypatch, caplog):

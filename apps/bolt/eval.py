@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apps.bolt.evaluation.runner import HarnessOptions
+from apps.bolt.evaluation.options import HarnessOptions
 
 logger = logging.getLogger("apps.bolt.eval")
 

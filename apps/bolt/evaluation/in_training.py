@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from apps.bolt.evaluation.runner import HarnessOptions
+from apps.bolt.evaluation.options import HarnessOptions
 
 logger = logging.getLogger(__name__)
 
