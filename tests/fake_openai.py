@@ -18,6 +18,8 @@ Behaviour is scripted through attributes:
 * ``chat_faults``: HTTP statuses returned by the next chat requests, one per request (429s
   carry ``retry-after``).
 * ``reply``: function of a request body returning the completion text.
+* ``route_faults``: route (as counted in ``calls``, e.g. ``"POST /v1/files"``) -> HTTP statuses
+  returned by its next requests, one per request.
 * ``drop_create_responses``: the next N ``POST /v1/batches`` create the batch but answer 502, as
   when a response is lost on the wire.
 
@@ -58,6 +60,7 @@ class FakeOpenAI:
         self.fails: Callable[[int, str], bool] = lambda index, custom_id: index % 3 == 0
         self.chat_faults: list[int] = []
         self.drop_create_responses = 0
+        self.route_faults: dict[str, list[int]] = {}
         self.reply: Callable[[dict], str] = default_reply
         self.release = threading.Event()
         self.release.set()
@@ -192,6 +195,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
         self._send(status, {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}, headers)
 
+    def _fault(self, route: str) -> bool:
+        """Answer with the next scripted fault of ``route``, if any."""
+        faults = self.server_state.route_faults.get(route)
+        if not faults:
+            return False
+        status = faults.pop(0)
+        self._error(status, f"fake fault {status}", None, {"retry-after": "0"} if status == 429 else None)
+        return True
+
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
@@ -210,7 +222,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?")[0]
         with fake._lock:
-            fake.calls[f"POST {re.sub(r'batch_[0-9]+', '{id}', path)}"] += 1
+            route = f"POST {re.sub(r'batch_[0-9]+', '{id}', path)}"
+            fake.calls[route] += 1
+            if self._fault(route):
+                return
             if path == "/v1/chat/completions":
                 request = json.loads(body)
                 fake.chat_bodies.append(request)
@@ -258,7 +273,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?")[0]
         with fake._lock:
-            fake.calls[f"GET {re.sub(r'(batch|file)_[0-9]+', '{id}', path)}"] += 1
+            route = f"GET {re.sub(r'(batch|file)_[0-9]+', '{id}', path)}"
+            fake.calls[route] += 1
+            if self._fault(route):
+                return
             if path == "/v1/batches":
                 data = [fake.public(b) for b in reversed(list(fake.batches.values()))][:100]
                 return self._send(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

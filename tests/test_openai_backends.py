@@ -70,6 +70,8 @@ def expected_latents(recs: list[dict], model: str = MODEL) -> list[list[str]]:
 def test_batch_flow_resubmits_failed_expired_and_invalid_batches(tmp_path, fake):
     synthetic_source(tmp_path / "src")
     fake.batch_modes = ["partial", "expire", "fail"]
+    # transient API errors on the way are retried (not counted as request failures)
+    fake.route_faults = {"POST /v1/files": [429], "GET /v1/batches/{id}": [500, 503], "GET /v1/files/{id}/content": [502]}
     cfg = cfg_for(tmp_path, fake, "out", batch={"max_requests_per_batch": 4})
     lineage = run(cfg)["lineage"]
     recs = records(tmp_path / "out")
@@ -80,6 +82,7 @@ def test_batch_flow_resubmits_failed_expired_and_invalid_batches(tmp_path, fake)
     assert report["requests"] == report["succeeded"] == n and report["failed"] == 0 and report["cache_hits"] == 0
     assert report["batch_statuses"]["expired"] == 1 and report["batch_statuses"]["failed"] == 1
     assert report["rounds"] == 2 and report["sent"] > n  # the failed ones were sent twice
+    assert not any(fake.route_faults.values()) and report["api_retries"] == 4  # each fault hit once, retried
     # Only the failed / unanswered requests were resubmitted, in parts halved after the failure.
     first_round = sum(b["request_counts"]["total"] for b in list(fake.batches.values())[:3])
     resent = sum(b["request_counts"]["total"] for b in list(fake.batches.values())[3:])

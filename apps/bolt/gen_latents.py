@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -179,7 +178,7 @@ def _redactor(cfg: GenLatentsArgs) -> Redactor:
         return Redactor()
     try:
         return Redactor(resolve_api_key(cfg.api))
-    except RuntimeError:
+    except (RuntimeError, FileNotFoundError):
         return Redactor()
 
 

@@ -112,7 +112,14 @@ class OpenAIBatchTeacher(ApiTeacher):
         self.ledger = BatchLedger(self.work_dir / "batches.jsonl")
         self.requests_dir = self.work_dir / "requests"
         self.requests_dir.mkdir(exist_ok=True)
-        self._stats = {"batches_created": 0, "batches_adopted": 0, "batches_resumed": 0, "rounds": 0, "batch_statuses": {}}
+        self._stats = {"batches_created": 0, "batches_adopted": 0, "batches_resumed": 0, "rounds": 0, "api_retries": 0, "batch_statuses": {}}
+
+    def _call(self, fn, what: str):
+        """One API call with retries on transient errors (counted in the report)."""
+        return call_with_retries(fn, self.api, what, self.redact, on_retry=self._count_retry)
+
+    def _count_retry(self) -> None:
+        self._stats["api_retries"] += 1
 
     @property
     def client(self):
@@ -189,10 +196,7 @@ class OpenAIBatchTeacher(ApiTeacher):
                 open_.append(part)
             progressed = False
             for part in list(open_):
-                batch = call_with_retries(
-                    lambda: self.client.batches.retrieve(self.ledger.parts[part]["batch_id"]),
-                    self.api, "batches.retrieve", self.redact,
-                )
+                batch = self._call(lambda: self.client.batches.retrieve(self.ledger.parts[part]["batch_id"]), "batches.retrieve")
                 counts = getattr(batch, "request_counts", None)
                 done = (getattr(counts, "completed", 0) or 0) + (getattr(counts, "failed", 0) or 0)
                 if done != last_progress.get(part) or batch.status in TERMINAL:
@@ -221,7 +225,7 @@ class OpenAIBatchTeacher(ApiTeacher):
         for attempt in range(2):
             file_id = self._ensure_upload(part)
             try:
-                batch, adopted = call_with_retries(lambda: self._create_batch(part, file_id), self.api, "batches.create", self.redact)
+                batch, adopted = self._call(lambda: self._create_batch(part, file_id), "batches.create")
                 break
             except openai.NotFoundError:
                 if attempt:
@@ -238,10 +242,7 @@ class OpenAIBatchTeacher(ApiTeacher):
         state = self.ledger.parts[part]
         if not state.get("file_id"):
             data = (self.requests_dir / state["requests_file"]).read_bytes()
-            uploaded = call_with_retries(
-                lambda: self.client.files.create(file=(f"{part}.jsonl", data, "application/jsonl"), purpose="batch"),
-                self.api, "files.create", self.redact,
-            )
+            uploaded = self._call(lambda: self.client.files.create(file=(f"{part}.jsonl", data, "application/jsonl"), purpose="batch"), "files.create")
             self.ledger.append({"part": part, "event": "uploaded", "file_id": uploaded.id, "bytes": len(data)})
         return self.ledger.parts[part]["file_id"]
 
@@ -261,7 +262,7 @@ class OpenAIBatchTeacher(ApiTeacher):
 
     def _find_batch_for_file(self, file_id: str):
         """A batch already created from ``file_id`` among the most recent ones, if any."""
-        page = call_with_retries(lambda: self.client.batches.list(limit=100), self.api, "batches.list", self.redact)
+        page = self._call(lambda: self.client.batches.list(limit=100), "batches.list")
         for batch in page.data or []:
             if batch.input_file_id == file_id:
                 return batch
@@ -280,7 +281,7 @@ class OpenAIBatchTeacher(ApiTeacher):
             if not file_id:
                 continue
             try:
-                text = call_with_retries(lambda: self.client.files.content(file_id).text, self.api, "files.content", self.redact)
+                text = self._call(lambda: self.client.files.content(file_id).text, "files.content")
             except openai.NotFoundError:
                 # e.g. deleted by delete_output_files before a kill: its requests are resubmitted
                 logger.warning("%s: result file %s is gone; its requests count as unanswered", part, file_id)
