@@ -5,8 +5,8 @@ on this machine; used to pick the `tiny` preset (apps/bolt/configs/model/tiny.ya
 
 Prints one line per candidate: parameters, median step time, tokens/s, and tokens per CPU-second
 (CPU time the process used, all threads together). Wall-clock numbers are noisy when other
-processes share the 2 cores; tokens per CPU-second is much less affected, and with 2 threads an
-idle machine reaches roughly 1.6-1.9x of it per wall-clock second.
+processes share the 2 cores; tokens per CPU-second (run with --threads 1) is much less affected
+and approximates what one free core does per wall-clock second.
 """
 
 from __future__ import annotations
