@@ -179,6 +179,19 @@ def test_chat_failure_fails_shard_and_rerun_sends_only_the_failed_request(tmp_pa
     assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
 
 
+def test_wrap_methods_through_the_chat_backend(tmp_path, fake):
+    synthetic_source(tmp_path / "src", 12)
+    run(cfg_for(tmp_path, fake, "wrap", backend="openai_chat", method="wrap_baseline", num_repeats=2))
+    recs = records(tmp_path / "wrap")
+    assert len(recs) == 24 and [r["latent_source"]["repeat"] for r in recs] == [0] * 12 + [1] * 12
+    assert len(fake.chat_bodies) == 24 and all(b["max_tokens"] == 5000 and len(b["messages"]) == 1 for b in fake.chat_bodies)
+    styles = {b["messages"][0]["content"].split(".")[0] for b in fake.chat_bodies}
+    assert len(styles) >= 3  # several of the four WRAP-Orig styles were drawn
+    by_text = {(b["messages"][0]["content"].split("## Website\n", 1)[1], default_reply(b)) for b in fake.chat_bodies}
+    assert {(r["text"], r["latent"]) for r in recs} == by_text  # each paraphrase filed under its document
+    assert all(r["output_tokens"] > 0 and r["input_tokens"] > 0 and "chunks" not in r for r in recs)
+
+
 def test_cache_hits_on_rerun_send_nothing_across_backends(tmp_path, fake, monkeypatch):
     synthetic_source(tmp_path / "src", 3)
     run(cfg_for(tmp_path, fake, "first"))

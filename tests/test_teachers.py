@@ -169,14 +169,15 @@ def test_cache_stores_successes_only_and_is_safe_across_processes(tmp_path):
     cache.put_many([("a", LatentResponse("x", "stop", {"input_tokens": 3})), ("b", LatentResponse("", "error", {}, error="boom"))])
     got = cache.get_many(["a", "b"])
     assert set(got) == {"a"} and got["a"].latent == "x" and got["a"].usage == {"input_tokens": 3}
-    ctx = mp.get_context("spawn")
+    cache.close()  # no connection crosses the fork
+    ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(path, s)) for s in (0, 50)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs)
-    got = cache.get_many([f"k{i}" for i in range(100)])
+    got = ResponseCache(path).get_many([f"k{i}" for i in range(100)])
     assert len(got) == 100 and got["k77"].latent == "v77"
 
 
