@@ -15,7 +15,8 @@ from apps.bolt.formats import SPECIAL_TOKENS
 from apps.bolt.synthetic import tokenizer as synth_tokenizer
 from apps.bolt.synthetic.arith import Calc, Pattern, Reject
 from apps.bolt.synthetic.corpus import WorldArgs, find_problems, generate_corpus, make_world_args, parse_question, split_of
-from apps.bolt.synthetic.oracle import OracleTeacher, chunk_latent, inline_derivations
+from apps.bolt.synthetic.oracle import OracleTeacher, chunk_latent, inline_derivations, oracle_records
+from apps.bolt.synthetic.stats import corpus_stats
 from apps.bolt.synthetic.tasks import (
     DESCRIPTION,
     build_prompt,
@@ -236,6 +237,14 @@ def test_oracle_wrap_cot_inlines_derivations_and_refuses_paraphrases():
         OracleTeacher(latent_style="poetry")
 
 
+def test_oracle_records_follow_the_latent_dataset_schema():
+    docs = list(generate_corpus(10, seed=8))
+    for doc, record in zip(docs, oracle_records(docs, ChunkArgs(units_per_chunk=3))):
+        assert record["id"] == doc["id"] and record["num_chunks"] == len(record["chunks"]) >= 2
+        assert "".join(c["suffix"] for c in record["chunks"]) == record["text"]
+        assert " ".join(c["latent"] for c in record["chunks"] if c["latent"]) == " ".join(p["derivation"] for p in doc["problems"])
+
+
 def test_find_problems_reports_offsets_of_answers():
     doc = next(generate_corpus(1, seed=9))
     found, fragments = find_problems(doc["text"])
@@ -343,3 +352,10 @@ def test_synthetic_tokenizer_is_built_once_and_round_trips(tmp_path, monkeypatch
     with pytest.raises(pytest.fail.Exception):
         synth_tokenizer.get_synthetic_tokenizer(tmp_path, num_docs=150, vocab_size=400, max_steps=4)
     assert [p.name for p in tmp_path.iterdir()] == [args.path.split("/")[-2]]  # no temp leftovers
+
+    docs = list(generate_corpus(20, seed=0))
+    steps, restate = (corpus_stats(docs, tok, ChunkArgs(), style) for style in ("steps", "restate"))
+    assert steps["docs"] == 20 and steps["chars"] == sum(len(d["text"]) for d in docs)
+    assert steps["raw_tokens"] == sum(len(tok.encode(d["text"])) for d in docs) == restate["raw_tokens"]
+    assert 0 < steps["latent_tokens"] < restate["latent_tokens"]
+    assert steps["augmented_tokens"] > steps["raw_tokens"] + steps["latent_tokens"]

@@ -30,8 +30,9 @@ with every derivation written between its question and answer out; the WRAP-CoT 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
+from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.synthetic.corpus import find_problems
 from apps.bolt.synthetic.worlds import LATENT_STYLES
 from apps.bolt.teachers.base import LatentRequest, LatentResponse, register_teacher
@@ -93,6 +94,19 @@ class OracleTeacher:
         else:
             latent, counters = chunk_latent(request.prefix, request.suffix, self.latent_style)
         return LatentResponse(latent=latent, finish_reason="stop", usage={"input_tokens": 0, "output_tokens": 0, **counters})
+
+
+def oracle_records(docs: Iterable[dict], chunk: ChunkArgs | None = None, style: str = DEFAULT_LATENT_STYLE) -> Iterator[dict]:
+    """Latent dataset records (docs/architecture.md schema) of raw documents, with the oracle's
+    latent for every chunk: the warm-start data without the teacher round trip (tests, probes,
+    statistics). The pipeline itself goes through ``gen_latents`` with the ``oracle`` backend."""
+    for doc in docs:
+        chunks = chunk_text(doc["text"], chunk)
+        yield {
+            **doc,
+            "chunks": [{"suffix": c.suffix, "latent": chunk_latent(c.prefix, c.suffix, style)[0]} for c in chunks],
+            "num_chunks": len(chunks),
+        }
 
 
 register_teacher("oracle", OracleTeacher)

@@ -1,0 +1,79 @@
+"""Size of the synthetic corpus and of its latent thoughts, in tokens of the synthetic tokenizer.
+
+``python -m apps.bolt.synthetic.stats [num_docs=2000] [latent_styles=[steps,restate]] ...``
+
+For each latent style it prints documents, characters, raw tokens, latent tokens (the chunk
+thoughts alone) and two ratios to compare with the paper's GPT-4o-mini latents: latent/raw
+(2.3 there) and augmented/raw, where "augmented" is the ``random`` training layout with its
+special tokens (3.3 there, "+1 for the raw tokens").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from apps.bolt.chunking import ChunkArgs
+from apps.bolt.formats import make_layout
+from apps.bolt.synthetic.corpus import WorldArgs, generate_corpus, make_world_args
+from apps.bolt.synthetic.oracle import oracle_records
+from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
+from lingua.args import parse_args
+from lingua.tokenizer import Tokenizer, build_tokenizer
+
+
+@dataclass
+class StatsArgs:
+    num_docs: int = 2000
+    seed: int = 0
+    world: WorldArgs = field(default_factory=WorldArgs)
+    chunk: ChunkArgs = field(default_factory=ChunkArgs)
+    latent_styles: list[str] = field(default_factory=lambda: ["steps", "restate"])
+    cache_dir: str = ".cache/synthetic"
+    vocab_size: int = 512
+
+
+def corpus_stats(docs: list[dict], tok: Tokenizer, chunk: ChunkArgs, style: str) -> dict:
+    """Counts for ``docs`` with oracle latents of ``style``; token counts exclude BOS/EOS."""
+    records = list(oracle_records(docs, chunk, style))
+    layout = make_layout("random")
+    rng = np.random.default_rng(0)
+    raw = sum(len(tok.encode(r["text"])) for r in records)
+    latent = sum(len(tok.encode(c["latent"])) for r in records for c in r["chunks"])
+    augmented = sum(len(tok.encode(layout(r, rng))) for r in records)
+    return {
+        "latent_style": style,
+        "docs": len(records),
+        "statements": sum(len(r["problems"]) for r in records),
+        "chunks": sum(r["num_chunks"] for r in records),
+        "chars": sum(len(r["text"]) for r in records),
+        "raw_tokens": raw,
+        "latent_tokens": latent,
+        "latent_per_raw": latent / raw,
+        "augmented_tokens": augmented,
+        "augmented_per_raw": augmented / raw,
+    }
+
+
+def run(cfg: StatsArgs) -> list[dict]:
+    world = make_world_args(cfg.world)
+    tok = build_tokenizer(get_synthetic_tokenizer(cfg.cache_dir, vocab_size=cfg.vocab_size, args=world))
+    docs = list(generate_corpus(cfg.num_docs, cfg.seed, args=world))
+    rows = [corpus_stats(docs, tok, cfg.chunk, style) for style in cfg.latent_styles]
+    print(f"tokenizer: {tok!r}")
+    for row in rows:
+        print(
+            f"{row['latent_style']:8s} docs {row['docs']} statements {row['statements']} chunks {row['chunks']} "
+            f"chars {row['chars']} raw tokens {row['raw_tokens']} latent tokens {row['latent_tokens']} "
+            f"latent/raw {row['latent_per_raw']:.2f} augmented/raw {row['augmented_per_raw']:.2f}"
+        )
+    return rows
+
+
+def main() -> None:
+    run(parse_args(StatsArgs))
+
+
+if __name__ == "__main__":
+    main()
