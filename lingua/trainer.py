@@ -22,7 +22,9 @@ Run folder (``dump_dir``): ``config.yaml`` (resolved config, written before any 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +191,9 @@ class _Run:
         self.step, self.tokens_seen, data_states = 0, {}, {}
         if saved is not None:
             self.ckpt.load(resume_dir, self.model, self.optimizer)
-            self.step, self.tokens_seen = saved["step"], dict(saved.get("tokens_seen", {}))
+            self.step = saved["step"]
+            # run totals live on rank 0 only; the other ranks count from zero (sums stay right)
+            self.tokens_seen = dict(saved.get("tokens_seen", {})) if env.is_main else {}
             data_states = saved["data"]
             rngs = saved.get("rng", [])
             if len(rngs) == env.world_size:
@@ -286,21 +290,14 @@ class _Run:
         return out
 
     def save(self) -> Path:
-        gathered_data = D.all_gather_object(self.data_states)
-        gathered_tokens = D.all_gather_object(self.tokens_seen)
-        rngs = D.all_gather_object(capture_rng())
-        data = {k: v for part in gathered_data for k, v in part.items()}
-        tokens: dict[str, int] = {}
-        for part in gathered_tokens:
-            for k, v in part.items():
-                tokens[k] = tokens.get(k, 0) + v
+        data = {k: v for part in D.all_gather_object(self.data_states) for k, v in part.items()}
         state = {
             "step": self.step,
             "data_shards": self.data_shards,
             "world_size": self.env.world_size,
             "data": data,
-            "tokens_seen": tokens,
-            "rng": rngs,
+            "tokens_seen": self.global_tokens_seen(),
+            "rng": D.all_gather_object(capture_rng()),
             "scheduler": {"name": self.cfg.optim.scheduler, "total_steps": self.total,
                           "lr": lr_at(self.step, self.cfg.optim, self.total)},
         }
@@ -380,16 +377,12 @@ def _save_tokenizer_copy(tokenizer: Any, tok_dir: Path) -> None:
     """Copy the tokenizer into the run folder in the layout of a consolidated folder's
     ``tokenizer/`` (args with a path relative to it), so ``lingua.consolidated.load_tokenizer``
     reads it from the run folder too."""
-    import os
-
     args = tokenizer.save(tok_dir)
     rel = None if args.path is None else os.path.relpath(args.path, tok_dir)
     atomic_write_json(tok_dir / "tokenizer_args.json", to_dict(TokenizerArgs(args.name, rel, args.special_tokens)))
 
 
 def _read_train_state(folder: Path) -> dict:
-    import json
-
     return json.loads((folder / "train_state.json").read_text())
 
 

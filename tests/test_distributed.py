@@ -46,7 +46,9 @@ def test_two_process_fsdp_run_matches_one_process_and_resumes_in_one(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    two = {r["step"]: r["loss/train"] for r in read_metrics(run)}
+    records = read_metrics(run)
+    assert records[-1]["tokens/source/train"] == 6 * 4 * 32  # gathered over both ranks
+    two = {r["step"]: r["loss/train"] for r in records}
     assert sorted(two) == [1, 2, 3, 4, 5, 6]
     for step, loss in two.items():
         assert loss == pytest.approx(single["losses"][step], rel=REL_TOL), step
