@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,9 +110,8 @@ class BoltLM(LM):
         ckpt = args.pop("ckpt", None)
         if ckpt is None:
             raise ValueError("model_args must include ckpt=<consolidated folder or run/checkpoints/STEP>")
-        for key in ("batch_size", "max_batch_size"):  # lm-eval CLI extras with no meaning here
-            (additional_config or {}).pop(key, None)
-        device = args.pop("device", (additional_config or {}).get("device") or "cpu")
+        # of lm-eval's extras (batch_size, device, ...) only the device means something here
+        device = args.pop("device", None) or (additional_config or {}).get("device") or "cpu"
         return cls.from_checkpoint(ckpt, device=device, **args)
 
     # ------------------------------------------------------------------------ properties
@@ -126,7 +124,7 @@ class BoltLM(LM):
         return type(self.tokenizer).__name__
 
     # ------------------------------------------------------------------------ generation
-    def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Greedy or sampled continuations, cut at the request's ``until`` strings."""
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -207,7 +205,7 @@ class BoltLM(LM):
             )
 
     # ------------------------------------------------------------------------ scoring
-    def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), greedy)`` per request; an empty context means BOS."""
         pairs = [tuple(r.args) for r in requests]
         before = self.limits.as_dict()
@@ -223,7 +221,7 @@ class BoltLM(LM):
         self._warn_if_bound(before)
         return out
 
-    def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
+    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
         """Total log-likelihood of each text given BOS, over disjoint windows of the context."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -256,10 +254,3 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
                 cut = i
     return text[:cut]
 
-
-def limits_summary(lms: Sequence[BoltLM]) -> dict[str, int]:
-    """Sum of the limit counters of several runs (e.g. one per seed)."""
-    total: Counter = Counter()
-    for lm in lms:
-        total.update(lm.limits.as_dict())
-    return dict(total)
