@@ -55,7 +55,7 @@ def _cfg(world, out, *extra):
 
 
 def _records(out):
-    return [json.loads(l) for l in (Path(out) / "latents.chunk.00.jsonl").read_text().splitlines()]
+    return [json.loads(l) for l in (Path(out) / "latents.chunk.00.jsonl").read_text().split("\n") if l]
 
 
 def _assert_same(recs_a, recs_b, tol=2e-3):

@@ -159,6 +159,12 @@ def _doc_record(rec: dict, chunks, posts: list[ChunkPosterior]) -> dict:
     return out
 
 
+def _jsonl_lines(path: Path) -> list[str]:
+    """Lines of a JSONL file split on "\\n" only: ``str.splitlines`` would also split inside
+    records at U+2028, U+0085 and friends, which ``json.dumps(ensure_ascii=False)`` leaves raw."""
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def _work_paths(out: Path, shard: int, num_shards: int) -> tuple[Path, Path]:
     stem = f"shard-{shard:05d}-of-{num_shards:05d}"
     return out / "work" / f"{stem}.jsonl", out / "work" / f"{stem}.done.json"
@@ -261,7 +267,7 @@ def merge(cfg: EStepArgs) -> dict:
         raise RuntimeError(f"cannot merge {out}: shards were made by different recipes {sorted(recipes)}")
     lines = []
     for i in range(cfg.num_shards):
-        lines.extend(_work_paths(out, i, cfg.num_shards)[0].read_text().splitlines())
+        lines.extend(_jsonl_lines(_work_paths(out, i, cfg.num_shards)[0]))
     from lingua.io import atomic_write_text
 
     atomic_write_text(out / "latents.chunk.00.jsonl", "".join(line + "\n" for line in lines))

@@ -73,7 +73,7 @@ class BatchLedger:
     def __init__(self, path: Path):
         self.path = path
         self.parts: dict[str, dict] = {}
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []  # not splitlines: U+2028 may sit inside a record
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -286,7 +286,7 @@ class OpenAIBatchTeacher(ApiTeacher):
                 # e.g. deleted by delete_output_files before a kill: its requests are resubmitted
                 logger.warning("%s: result file %s is gone; its requests count as unanswered", part, file_id)
                 continue
-            for line in text.splitlines():
+            for line in text.split("\n"):  # not splitlines: U+2028/U+0085 may sit inside a record
                 if not line.strip():
                     continue
                 key, response = parse_result_line(line)
@@ -325,7 +325,7 @@ class OpenAIBatchTeacher(ApiTeacher):
 
     def _part_keys(self, state: dict) -> set[str]:
         path = self.requests_dir / state["requests_file"]
-        return {json.loads(line)["custom_id"] for line in path.read_text().splitlines() if line.strip()}
+        return {json.loads(line)["custom_id"] for line in path.read_text(encoding="utf-8").split("\n") if line.strip()}
 
     def _cleanup(self, part: str, batch) -> None:
         """Delete what is no longer needed; failures here are harmless and only logged."""

@@ -1,0 +1,324 @@
+"""The EM driver: bootstrapping latent thoughts, composed from the pipeline stages.
+
+    python -m apps.bolt.em config=apps/bolt/configs/em_synthetic.yaml [key=value ...]
+
+Stages (each one a call into its module's ``run(cfg)``, each with its own folder and marker, so a
+rerun skips what is complete and a crash resumes at the failed stage; training resumes from its
+last checkpoint):
+
+1. ``prepare``: raw corpora (validation, warmstart, bootstrap, eval tasks) into ``DUMP/data``;
+2. ``tokenizer``: the synthetic world's small tokenizer (or the one named in the train config);
+3. ``teacher``: warmstart latents from the teacher (the oracle in the synthetic world; GPT-4o-mini
+   through the Batch API on the cluster) into ``DUMP/data/warmstart_latents``;
+4. ``warmstart``: train on the teacher latents (``random`` layout);
+5. for iteration t = 1..T: ``estep`` with the previous model (trial 0, as the reference) on the
+   fixed bootstrap corpus into ``DUMP/data/iter{t}_latents``; ``mstep``: train every trial on them
+   from the base initialization (``mstep_init=base``, as the reference; or ``previous``);
+6. ``baselines``: raw-data runs with budgets computed, not hand-set: ``raw_token_match`` sees as
+   many raw tokens as the M-step run did (its packed budget times the raw share of the latent
+   data, measured), ``raw_flops_match`` the same number of packed tokens, i.e. the same FLOPs;
+7. ``ablations``: an extra E-step + M-step at iteration 1 for each K in ``k_ablation``;
+8. evaluation of every model (task accuracy, validation NLL per raw token, ELBO for latent
+   models) and the results table (``results.json``, ``results.md``) and plot (``accuracy.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lingua.args import ConfigError, dump_config, load_config, parse_args
+from lingua.io import atomic_write_json, is_done, mark_done
+
+logger = logging.getLogger("apps.bolt.em")
+
+BASELINES = ("raw_token_match", "raw_flops_match")
+
+
+@dataclass
+class StageConfig:
+    """A stage's YAML config plus overrides; the driver adds the paths and budgets it derives."""
+
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EMArgs:
+    name: str = "em"
+    dump_dir: str = "runs/em"
+    iterations: int = 2
+    trials: int = 1
+    """Seeds 0..trials-1 for every training run (the E-step uses trial 0's model, as the reference)."""
+    warmstart_tokens: int = 200_000
+    """Packed training tokens of the warmstart run (the reference: 0.8e9)."""
+    mstep_tokens: int = 400_000
+    """Packed training tokens of each M-step run (the reference: 13e9)."""
+    mstep_init: str = "base"
+    """base: every M-step starts from the base initialization (the reference); previous: from the
+    previous iteration's model."""
+    base_ckpt: str = ""
+    """Consolidated base model (e.g. imported TinyLlama); empty: a fresh seeded initialization."""
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    k_ablation: list[int] = field(default_factory=list)
+    """Extra iteration-1 E-step + M-step with these K (e.g. [1])."""
+    estep_docs: Optional[int] = None
+    """Use only the first N bootstrap documents in the E-step (toy runs; None: all)."""
+    synthetic_tokenizer: bool = True
+    """Train the synthetic world's tokenizer (else the train config's tokenizer is used)."""
+    tokenizer_cache: str = ".cache/synthetic"
+    eval_val_docs: int = 100
+    """Held-out raw documents for validation NLL."""
+    eval_elbo_docs: int = 20
+    """Held-out documents for the ELBO of latent models (0: skip)."""
+    device: str = "cpu"
+    prepare: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/prepare_synthetic.yaml"))
+    teacher: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/gen_oracle_warmstart.yaml"))
+    train: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/train_em_synthetic.yaml"))
+    estep: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/estep_synthetic.yaml"))
+    eval: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/eval_synthetic.yaml"))
+
+    def validate(self) -> None:
+        if self.iterations < 0 or self.trials < 1:
+            raise ValueError("iterations >= 0 and trials >= 1 are required")
+        if self.mstep_init not in ("base", "previous"):
+            raise ValueError(f"mstep_init must be base or previous, got {self.mstep_init!r}")
+        unknown = set(self.baselines) - set(BASELINES)
+        if unknown:
+            raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
+        if self.warmstart_tokens <= 0 or self.mstep_tokens <= 0:
+            raise ValueError("warmstart_tokens and mstep_tokens must be positive")
+
+
+class EMDriver:
+    """Runs the stages in order; every stage is a method that skips itself when complete."""
+
+    def __init__(self, cfg: EMArgs):
+        self.cfg = cfg
+        self.root = Path(cfg.dump_dir)
+        self.data = self.root / "data"
+        self.runs = self.root / "runs"
+        self.ledger = self.root / "stages.jsonl"
+        self.tokenizer_overrides: list[str] = []
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _stage(self, name: str, done: Callable[[], bool], work: Callable[[], Any]) -> Any:
+        if done():
+            logger.info("[em] %s: complete, skipping", name)
+            return None
+        logger.info("[em] %s: running", name)
+        t0 = time.perf_counter()
+        result = work()
+        seconds = round(time.perf_counter() - t0, 2)
+        with open(self.ledger, "a") as f:
+            f.write(json.dumps({"stage": name, "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        logger.info("[em] %s: done in %.1fs", name, seconds)
+        return result
+
+    def stage_seconds(self) -> dict[str, float]:
+        if not self.ledger.is_file():
+            return {}
+        out: dict[str, float] = {}
+        for line in self.ledger.read_text().splitlines():
+            rec = json.loads(line)
+            out[rec["stage"]] = out.get(rec["stage"], 0.0) + rec["seconds"]
+        return out
+
+    # -- stages -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from apps.bolt import prepare
+
+        pcfg = load_config(prepare.PrepareArgs, self.cfg.prepare.config, [*self.cfg.prepare.overrides, f"out_dir={self.data}"])
+        names = [pcfg.val.name, *(s.name for s in pcfg.subsets), *(e.name for e in pcfg.extra)]
+        self._stage("prepare", lambda: all(is_done(self.data / n) for n in names), lambda: prepare.run(pcfg))
+
+    def tokenizer(self) -> None:
+        if not self.cfg.synthetic_tokenizer:
+            return
+        from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
+
+        targs = get_synthetic_tokenizer(self.cfg.tokenizer_cache)
+        self.tokenizer_overrides = [
+            f"tokenizer.name={targs.name}",
+            f"tokenizer.path={targs.path}",
+            f"tokenizer.special_tokens={json.dumps(list(targs.special_tokens))}",
+        ]
+
+    def teacher(self) -> None:
+        from apps.bolt import gen_latents
+
+        out = self.data / "warmstart_latents"
+        tcfg = load_config(
+            gen_latents.GenLatentsArgs, self.cfg.teacher.config,
+            [*self.cfg.teacher.overrides, f"src={self.data / 'warmstart'}", f"out={out}", "progress=false"],
+        )
+        self._stage("teacher", lambda: is_done(out), lambda: gen_latents.run(tcfg))
+
+    def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "") -> Path:
+        """Train one model; returns its consolidated folder."""
+        from apps.bolt import train as train_stage
+
+        run_dir = self.runs / name
+        overrides = [
+            *self.cfg.train.overrides,
+            *self.tokenizer_overrides,
+            f"name={name}",
+            f"dump_dir={run_dir}",
+            f"data.root_dir={self.data}",
+            f"data.sources={{{source}: 1.0}}",
+            f"data.format={layout}",
+            f"num_tokens={tokens}",
+            f"seed={seed}",
+            f"data.seed={seed}",
+            f"model.seed={seed}",
+            f"checkpoint.init_ckpt_path={init}",
+        ]
+        tcfg = load_config(train_stage.BoltTrainArgs, self.cfg.train.config, overrides)
+        final = run_dir / "final_consolidated.json"
+        inputs = {"data": _stamp(self.data / source), "init": _stamp(Path(init)) if init else None}
+
+        def work() -> None:
+            summary = train_stage.run(tcfg)
+            if not summary.get("consolidated"):
+                raise RuntimeError(f"training run {run_dir} finished without a consolidated checkpoint")
+            atomic_write_json(final, {"consolidated": summary["consolidated"], "inputs": inputs,
+                                      "summary": _jsonable(summary)})
+
+        def done() -> bool:
+            if not final.is_file():
+                return False
+            saved = json.loads(final.read_text()).get("inputs")
+            if saved != inputs:
+                raise RuntimeError(
+                    f"{run_dir} was trained on other inputs than the current ones ({saved} != {inputs}): an "
+                    f"upstream stage was redone. Delete {run_dir} (and its evals) to retrain."
+                )
+            return True
+
+        self._stage(f"train:{name}", done, work)
+        return Path(json.loads(final.read_text())["consolidated"])
+
+    def estep_config(self, name: str, ckpt: Path | str, extra: list[str] = ()):
+        from apps.bolt.estep import EStepArgs
+
+        overrides = [*self.cfg.estep.overrides, *extra, f"ckpt={ckpt}", f"src={self.data / 'bootstrap'}",
+                     f"out={self.data / f'{name}_latents'}", f"device={self.cfg.device}"]
+        if self.cfg.estep_docs is not None:
+            overrides.append(f"limit_docs={self.cfg.estep_docs}")
+        return load_config(EStepArgs, self.cfg.estep.config, overrides)
+
+    def estep_run(self, name: str, ckpt: Path, extra: list[str] = ()) -> Path:
+        from apps.bolt import estep
+
+        ecfg = self.estep_config(name, ckpt, extra)
+        self._stage(f"estep:{name}", lambda: is_done(ecfg.out), lambda: estep.run(ecfg))
+        return Path(ecfg.out)
+
+    def evaluate(self, name: str, ckpt: Path, latent: bool) -> dict:
+        from apps.bolt.em_report import evaluate_model
+
+        out = self.root / "evals" / name
+        result_file = out / "result.json"
+
+        def work() -> None:
+            res = evaluate_model(self, name, ckpt, latent)
+            atomic_write_json(result_file, res)
+            mark_done(out)
+
+        self._stage(f"eval:{name}", lambda: is_done(out), work)
+        return json.loads(result_file.read_text())
+
+    # -- the loop -----------------------------------------------------------------------------
+    def init_for(self, trial: int, previous: Path | None) -> str:
+        if self.cfg.mstep_init == "previous" and previous is not None:
+            return str(previous)
+        return self.cfg.base_ckpt
+
+    def run(self) -> dict:
+        from apps.bolt.em_report import raw_fraction, write_report
+
+        c = self.cfg
+        self.root.mkdir(parents=True, exist_ok=True)
+        dump_config(c, self.root / "config.yaml")
+        self.prepare()
+        self.tokenizer()
+        self.teacher()
+        models: dict[str, list[Path]] = {}
+        rows: list[dict] = []
+
+        def record(group: str, iteration: int | None, k: int | None, name: str, ckpt: Path, latent: bool, seed: int):
+            res = self.evaluate(name, ckpt, latent)
+            rows.append({"group": group, "iteration": iteration, "k": k, "trial": seed, "run": name, **res})
+
+        models["warmstart"] = []
+        for t in range(c.trials):
+            ck = self.train_run(f"warmstart_t{t}", "warmstart_latents", "random", c.warmstart_tokens, t, c.base_ckpt)
+            models["warmstart"].append(ck)
+            record("warmstart", 0, None, f"warmstart_t{t}", ck, True, t)
+        previous = models["warmstart"]
+        k_main = self.estep_config("main", "unused").posterior.num_samples
+        for it in range(1, c.iterations + 1):
+            latents = self.estep_run(f"iter{it}", previous[0])
+            models[f"iter{it}"] = []
+            for t in range(c.trials):
+                name = f"iter{it}_t{t}"
+                ck = self.train_run(name, latents.name, "random", c.mstep_tokens, t, self.init_for(t, previous[t]))
+                models[f"iter{it}"].append(ck)
+                record("bootstrap", it, k_main, name, ck, True, t)
+            previous = models[f"iter{it}"]
+        for k in c.k_ablation:
+            latents = self.estep_run(f"iter1_k{k}", models["warmstart"][0], [f"posterior.num_samples={k}",
+                                     f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
+            for t in range(c.trials):
+                name = f"iter1_k{k}_t{t}"
+                ck = self.train_run(name, latents.name, "random", c.mstep_tokens, t, c.base_ckpt)
+                record(f"ablation_k{k}", 1, k, name, ck, True, t)
+        if c.baselines:
+            share = raw_fraction(self, self.data / ("iter1_latents" if c.iterations else "warmstart_latents"))
+            budgets = {"raw_token_match": int(c.mstep_tokens * share["raw_fraction"]), "raw_flops_match": c.mstep_tokens}
+            atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
+            for b in c.baselines:
+                for t in range(c.trials):
+                    name = f"{b}_t{t}"
+                    ck = self.train_run(name, "bootstrap", "raw", budgets[b], t, c.base_ckpt)
+                    record(b, None, None, name, ck, False, t)
+        return write_report(self, rows)
+
+
+def _stamp(folder: Path) -> str | None:
+    """Identity of a finished stage output: its completion marker's content (recipe, counts)."""
+    from lingua.io import DONE_MARKER
+
+    marker = folder / DONE_MARKER
+    if not marker.is_file():
+        return None
+    import hashlib
+
+    return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run(cfg: EMArgs) -> dict:
+    return EMDriver(cfg).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        cfg = parse_args(EMArgs, argv)
+    except ConfigError as e:
+        raise SystemExit(f"apps.bolt.em: {e}") from None
+    print(dump_config(cfg))
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The EM driver end to end at toy size: stages, computed baseline budgets, report, skipping,
+resume after a crash, and refusal to reuse a model whose inputs were redone."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from apps.bolt import em
+from lingua.args import load_config
+
+TINY = [
+    "name=tiny",
+    "warmstart_tokens=4096",
+    "mstep_tokens=6144",
+    "iterations=1",
+    "estep_docs=4",
+    "eval_val_docs=4",
+    "eval_elbo_docs=1",
+    'prepare.overrides=[source.num_docs=200, "subsets=[{name: warmstart, tokens: 12000}, {name: bootstrap, tokens: 20000}]", '
+    '"extra=[{name: eval, builder: apps.bolt.synthetic.tasks:write_eval_files, options: {n_test: 8, n_dev: 2, seed: 0}}]"]',
+    "train.overrides=[model.dim=64, model.n_layers=2, model.n_heads=4, model.n_kv_heads=2, model.hidden_dim=128, "
+    "data.batch_size=4, data.seq_len=128, log_freq=5, data.prefetch=false]",
+    'estep.overrides=[posterior.num_samples=2, "posterior.elbo_samples=[1,2]", posterior.max_latent_tokens=16, progress=false]',
+    "eval.overrides=[harness.limit=3, harness.max_gen_tokens=16]",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        em.EMArgs, "apps/bolt/configs/em_synthetic.yaml",
+        [*TINY, f"dump_dir={tmp_path / 'em'}", f"tokenizer_cache={tmp_path / 'tok'}", *extra],
+    )
+
+
+def _stages(root: Path) -> list[str]:
+    return [json.loads(x)["stage"] for x in (root / "stages.jsonl").read_text().split("\n") if x]
+
+
+@pytest.fixture(scope="module")
+def em_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("em")
+    cfg = _cfg(tmp)
+    return tmp, cfg, em.run(cfg)
+
+
+def test_em_runs_every_stage_and_reports(em_run):
+    tmp, cfg, result = em_run
+    root = Path(cfg.dump_dir)
+    assert _stages(root) == [
+        "prepare", "teacher", "train:warmstart_t0", "eval:warmstart_t0", "estep:iter1", "train:iter1_t0",
+        "eval:iter1_t0", "train:raw_token_match_t0", "eval:raw_token_match_t0", "train:raw_flops_match_t0",
+        "eval:raw_flops_match_t0",
+    ]
+    groups = [(ln["group"], ln["iteration"], ln["k"]) for ln in result["summary"]]
+    assert groups == [("warmstart", 0, None), ("bootstrap", 1, 2), ("raw_token_match", None, None),
+                      ("raw_flops_match", None, None)]
+    for ln in result["summary"]:
+        assert 0.0 <= ln["accuracy"] <= 1.0 and ln["val_nll_per_token"] > 0
+        # the ELBO (1, 2, 4 samples, whatever the E-step's K) is reported for latent models only
+        assert ("elbo_4_per_token" in ln) == ("elbo_1_per_token" in ln) == (ln["group"] in ("warmstart", "bootstrap"))
+    # budgets are computed from the measured raw share of the latent data, not hand-set
+    b = result["baseline_budgets"]
+    assert 0.05 < b["raw_fraction"] < 0.95
+    assert b["budgets"] == {"raw_token_match": int(6144 * b["raw_fraction"]), "raw_flops_match": 6144}
+    seen = {r["run"]: json.loads((root / "runs" / r["run"] / "final_consolidated.json").read_text()) for r in result["rows"]}
+    steps = {k: v["summary"]["step"] for k, v in seen.items()}
+    assert steps["raw_flops_match_t0"] == 6144 // (4 * 128) == steps["iter1_t0"]
+    assert steps["raw_token_match_t0"] == int(6144 * b["raw_fraction"]) // (4 * 128)
+    assert (root / "accuracy.png").stat().st_size > 1000
+    assert "| bootstrap" in (root / "results.md").read_text()
+    # the E-step used the warmstart model, the lineage says so
+    lineage = json.loads((root / "data" / "iter1_latents" / "lineage.json").read_text())
+    assert lineage["model"] == str(seen["warmstart_t0"]["consolidated"]) and lineage["num_samples"] == 2
+
+
+def test_rerun_skips_everything_and_resumes_after_a_crash(em_run, monkeypatch):
+    tmp, cfg, first = em_run
+    root = Path(cfg.dump_dir)
+    n = len(_stages(root))
+    again = em.run(cfg)
+    assert len(_stages(root)) == n  # nothing redone
+    assert again["summary"] == first["summary"]
+
+    # a crash in a late stage: earlier stages are not redone when the run is restarted
+    import shutil
+
+    from apps.bolt import em_report
+
+    shutil.rmtree(root / "evals" / "raw_flops_match_t0")
+    real = em_report.evaluate_model
+
+    def boom(driver, name, ckpt, latent):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(em_report, "evaluate_model", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        em.run(cfg)
+    monkeypatch.setattr(em_report, "evaluate_model", real)
+    em.run(cfg)
+    assert _stages(root)[n:] == ["eval:raw_flops_match_t0"]
+
+
+def test_models_are_not_reused_when_their_inputs_were_redone(em_run):
+    tmp, cfg, _ = em_run
+    marker = Path(cfg.dump_dir) / "data" / "iter1_latents" / "COMPLETE"
+    saved = marker.read_text()
+    marker.write_text(json.dumps({"docs": 4, "recipe": "something-else"}))
+    try:
+        with pytest.raises(RuntimeError, match="trained on other inputs"):
+            em.run(cfg)
+    finally:
+        marker.write_text(saved)
+
+
+def test_em_config_errors(tmp_path):
+    from lingua.args import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown baselines"):
+        _cfg(tmp_path, "baselines=[raw_repeat]")
+    with pytest.raises(ConfigError, match="mstep_init"):
+        _cfg(tmp_path, "mstep_init=last")
