@@ -1,0 +1,335 @@
+"""Batched sampling and scoring with a KV cache: the in-process backend behind every model reader.
+
+Batching: left-padded batches. Prompts are deduplicated, sorted by length (longest first) and
+packed under a token budget, so a batch holds prompts of similar length and padding stays small;
+left padding puts every row's last prompt token in the same cache slot, so all rows decode in
+lockstep with one ``cache_pos`` and a per-row position offset and key mask. (Length buckets
+would avoid masks but fragment work into many small batches.) Finished rows are dropped from the
+batch and the KV cache at once (``KVCache.select``), so they stop costing compute.
+
+Sharing: a prompt is prefilled once, then its cache rows are repeated for its ``n`` samples (and
+for repeats of the same prompt in the call). :meth:`Engine.score` groups pairs whose context is
+identical and prefills that context once for all its continuations; this is how the E-step scores
+K joint texts sharing a prefix.
+
+Determinism: each sample owns the random stream ``(seed, prompt ids, sample index)``, see
+:mod:`lingua.sampling`. Batch-invariant: the stream, hence the uniforms, and every per-row
+computation. Not bit-invariant: the logits themselves, because matmul kernels may reduce in a
+different order for a different batch size or padding; the effect is ~1e-7 relative, so a sample
+differs only if it lands on a CDF boundary (or on an argmax near-tie when greedy).
+
+Budget: ``max_batch_tokens`` bounds rows x cache length of a decoding batch (the KV cache) and
+rows x sequence length of a scoring forward (whose logits take ``max_batch_tokens * vocab * 4``
+bytes). A single item larger than the budget still runs, alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+from lingua.batching import EngineStats, fan_out, left_padded_prefill, pack, truncate_left
+from lingua.sampling import SamplingParams, draw, stream_key, stream_uniforms
+from lingua.scoring import ScoreResult, score_pairs
+from lingua.transformer import Transformer
+
+Prompt = Union[str, Sequence[int]]
+
+
+class TokenizerLike(Protocol):
+    """The part of ``lingua.tokenizer.Tokenizer`` the engine uses."""
+
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class GenerationResult:
+    """One sample. Log-prob lists align with ``token_ids`` (stop tokens included)."""
+
+    text: str  # decoded generation, cut before a stop string; excludes a stop token id
+    token_ids: list[int]  # every generated token, including the one(s) that triggered the stop
+    logprobs: list[float]  # log p_model(token) at temperature 1, unfiltered
+    sampled_logprobs: list[float]  # log q(token): the tempered/top-k/top-p distribution (0 if greedy)
+    is_greedy: list[bool]  # token was the argmax of the model distribution
+    finish_reason: str  # "stop" or "length"
+    stop_reason: str | int | None  # the stop string or stop token id; None for "length"
+    prompt_len: int  # prompt tokens fed to the model (after truncation)
+    prompt_tokens_dropped: int = 0  # tokens removed from the left of the prompt
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def sum_sampled_logprob(self) -> float:
+        return float(sum(self.sampled_logprobs))
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(self.is_greedy)
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What readers of a model call; :class:`Engine` is in-process, vLLM can serve the same."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[GenerationResult]]:
+        """``params.n`` results per prompt, in prompt order."""
+        ...
+
+    def score(
+        self, pairs: Sequence[tuple[Prompt, Prompt]], max_len: int | None = None, *, add_bos: bool = True
+    ) -> list[ScoreResult]:
+        """log p(continuation | context) per pair; see :func:`lingua.scoring.score_pairs`."""
+        ...
+
+
+@dataclass
+class _Row:
+    """Host-side state of one sequence being decoded."""
+
+    slot: tuple[int, int]  # (prompt index, sample j) in the output
+    key: int  # random stream key
+    prompt_len: int
+    dropped: int
+    max_new: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    sampled: list[float] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class _Work:
+    """A unique prompt and the samples to draw from it in one batch."""
+
+    ids: list[int]
+    samples: list[tuple[tuple[int, int], int, int]]  # (output slot, sample index, prompt tokens dropped)
+    max_new: int
+
+
+class Engine:
+    """In-process :class:`GenerationBackend` over a :class:`~lingua.transformer.Transformer`.
+
+    ``max_seq_len`` (default ``model.args.max_seqlen``) is the context window: prompts must leave
+    room for one token, generation ends with ``"length"`` when a sequence reaches it, and
+    scoring truncates contexts to it.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: TokenizerLike,
+        *,
+        device: str | torch.device | None = None,
+        max_batch_tokens: int = 16384,
+        max_seq_len: int | None = None,
+    ):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self._tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch_tokens = max_batch_tokens
+        self._max_seq_len = max_seq_len or model.args.max_seqlen
+        self.stats = EngineStats()
+
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        return self._tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    # ---------------------------------------------------------------------------------------
+    # generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[GenerationResult]]:
+        params.validate()
+        results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
+        for batch in self._plan(self._work(prompts, params)):
+            for row in self._run_batch(batch, params):
+                results[row.slot[0]][row.slot[1]] = self._finish(row, params)
+        return results  # type: ignore[return-value]
+
+    def _encode_prompt(self, prompt: Prompt, add_bos: bool, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=add_bos)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty (no tokens); pass add_bos=True or a non-empty prompt")
+        if min(ids) < 0 or max(ids) >= self.model.args.vocab_size:
+            raise ValueError(f"prompt {index} has token ids outside [0, {self.model.args.vocab_size})")
+        return ids
+
+    def _work(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[_Work]:
+        """Encode, truncate and deduplicate prompts; occurrence k of a prompt takes samples k*n.."""
+        by_ids: dict[tuple[int, ...], _Work] = {}
+        for i, prompt in enumerate(prompts):
+            ids = self._encode_prompt(prompt, params.add_bos, i)
+            dropped = 0
+            if params.max_prompt_tokens is not None:
+                ids, dropped = truncate_left(ids, params.max_prompt_tokens, self.tokenizer.bos_id)
+            if len(ids) >= self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens but the context window is {self.max_seq_len}; "
+                    "set max_prompt_tokens to left-truncate it"
+                )
+            max_new = min(params.max_new_tokens, self.max_seq_len - len(ids))
+            work = by_ids.setdefault(tuple(ids), _Work(ids, [], max_new))
+            first = params.sample_offset + len(work.samples)
+            work.samples.extend(((i, j), first + j, dropped) for j in range(params.n))
+        return list(by_ids.values())
+
+    def _plan(self, works: list[_Work]) -> list[list[_Work]]:
+        """Split prompts whose samples overflow the budget, then pack longest first."""
+        pieces: list[_Work] = []
+        for w in sorted(works, key=lambda w: -len(w.ids)):
+            cap = max(1, self.max_batch_tokens // (len(w.ids) + w.max_new))
+            for s in range(0, len(w.samples), cap):
+                pieces.append(_Work(w.ids, w.samples[s : s + cap], w.max_new))
+        return pack(pieces, lambda w: len(w.samples), lambda w: (len(w.ids), w.max_new), self.max_batch_tokens)
+
+    def _run_batch(self, batch: list[_Work], params: SamplingParams) -> list[_Row]:
+        dev = self.device
+        width = max(len(w.ids) for w in batch)
+        cache_len = width + max(w.max_new for w in batch)
+        cache, logits, pad = left_padded_prefill(self.model, [w.ids for w in batch], cache_len, dev)
+        self.stats.prefill_tokens += sum(len(w.ids) for w in batch)
+        self.stats.forwards += 1
+
+        logits, pad = fan_out(cache, [len(w.samples) for w in batch], logits, pad)
+        rows = [
+            _Row(slot, 0 if params.greedy else stream_key(params.seed, w.ids, s), len(w.ids), dropped, w.max_new)
+            for w in batch
+            for slot, s, dropped in w.samples
+        ]
+        key_ok = torch.arange(cache_len, device=dev)[None] >= pad[:, None]  # [R, cache_len]
+        stops = self._stop_ids(params)
+        done: list[_Row] = []
+        for step in range(cache_len - width):
+            uniforms = None
+            if not params.greedy:
+                uniforms = torch.from_numpy(stream_uniforms([r.key for r in rows], step)).to(dev)
+            d = draw(logits, params, uniforms)
+            host = torch.stack(
+                [d.tokens.double(), d.logprobs.double(), d.sampled_logprobs.double(), d.is_greedy.double()]
+            ).tolist()  # the step's one device -> host transfer
+            keep: list[int] = []
+            for i, row in enumerate(rows):
+                tok = int(host[0][i])
+                row.tokens.append(tok)
+                row.logprobs.append(host[1][i])
+                row.sampled.append(host[2][i])
+                row.greedy.append(host[3][i] == 1.0)
+                if tok in stops or self._hits_stop_string(row, params) or len(row.tokens) >= row.max_new:
+                    done.append(row)
+                else:
+                    keep.append(i)
+            self.stats.generated_tokens += len(rows)
+            if not keep:
+                break
+            next_tokens = d.tokens
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, device=dev)
+                for layer_cache in cache:
+                    layer_cache.select(idx)
+                rows = [rows[i] for i in keep]
+                pad, key_ok, next_tokens = pad[idx], key_ok[idx], next_tokens[idx]
+            pos = width + step
+            logits = self.model(
+                next_tokens[:, None],
+                positions=(pos - pad)[:, None],
+                attn_mask=key_ok[:, None, None, : pos + 1],
+                cache=cache,
+                cache_pos=pos,
+            )[:, -1]
+            self.stats.decode_rows += len(rows)
+            self.stats.forwards += 1
+        return done
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer.eos_id is not None:
+            stops.add(self.tokenizer.eos_id)
+        return stops
+
+    def _hits_stop_string(self, row: _Row, params: SamplingParams) -> bool:
+        """Cheap check on a decoded tail; the exact cut is made once, in :meth:`_finish`.
+
+        Every token that spells part of a stop string contributes at least one of its UTF-8
+        bytes, so the string spans at most that many tokens; 8 more keep it clear of the tail's
+        first token, whose decoding can differ from the full decode (partial characters, spaces).
+        """
+        if not params.stop_strings:
+            return False
+        window = max(len(s.encode("utf-8")) for s in params.stop_strings) + 8
+        tail = self.tokenizer.decode(row.tokens[-window:])
+        return any(s in tail for s in params.stop_strings) and self._cut_at_stop(row, params) is not None
+
+    def _cut_at_stop(self, row: _Row, params: SamplingParams) -> tuple[str, str] | None:
+        """(text before the earliest stop string, that string), or None if none occurs."""
+        text = self.tokenizer.decode(row.tokens)
+        found = [(text.find(s), -len(s), s) for s in params.stop_strings if s in text]
+        if not found:
+            return None
+        at, _, stop = min(found)
+        return text[:at], stop
+
+    def _finish(self, row: _Row, params: SamplingParams) -> GenerationResult:
+        last = row.tokens[-1]
+        cut = self._cut_at_stop(row, params) if params.stop_strings else None
+        if last in self._stop_ids(params):
+            text, reason, stop = self.tokenizer.decode(row.tokens[:-1]), "stop", last
+        elif cut is not None:
+            (text, stop), reason = cut, "stop"
+        else:
+            text, reason, stop = self.tokenizer.decode(row.tokens), "length", None
+        return GenerationResult(
+            text=text,
+            token_ids=row.tokens,
+            logprobs=row.logprobs,
+            sampled_logprobs=row.sampled,
+            is_greedy=row.greedy,
+            finish_reason=reason,
+            stop_reason=stop,
+            prompt_len=row.prompt_len,
+            prompt_tokens_dropped=row.dropped,
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # scoring
+
+    @torch.inference_mode()
+    def score(
+        self, pairs: Sequence[tuple[Prompt, Prompt]], max_len: int | None = None, *, add_bos: bool = True
+    ) -> list[ScoreResult]:
+        """log p(continuation | context) per pair; rules in :mod:`lingua.scoring`."""
+        return score_pairs(
+            self.model,
+            self.tokenizer,
+            pairs,
+            max_len=max_len or self.max_seq_len,
+            max_batch_tokens=self.max_batch_tokens,
+            add_bos=add_bos,
+            stats=self.stats,
+        )
