@@ -145,7 +145,8 @@ def run(cfg: BenchArgs) -> dict:
     prompts = [[1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lens]
     ids, mask = _left_pad(prompts, device)
     n_gen = cfg.prompts * cfg.new_tokens
-    print(f"model: {model.num_params() / 1e6:.2f}M params, dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}; "
+    print(f"model: {model.num_params() / 1e6:.2f}M params, dim {cfg.dim}, {cfg.n_layers} layers, "
+          f"vocab {cfg.vocab_size}; "
           f"device {device}, threads {torch.get_num_threads()}")
     print(f"workload: {cfg.prompts} prompts of {min(lens)}-{max(lens)} tokens, {cfg.new_tokens} new tokens each; "
           f"scoring continuations of {cfg.continuation_len} tokens")
@@ -154,9 +155,13 @@ def run(cfg: BenchArgs) -> dict:
     for name, temperature in (("greedy", 0.0), ("sample T=1", 1.0)):
         params = SamplingParams(temperature=temperature, max_new_tokens=cfg.new_tokens, ignore_eos=True, seed=cfg.seed)
         t_ours, t_hf, ours, hf_out = _timed_pair(
-            lambda: engine.generate(prompts, params), lambda: _hf_generate(hf, ids, mask, cfg.new_tokens, temperature), cfg, device
+            lambda: engine.generate(prompts, params),
+            lambda: _hf_generate(hf, ids, mask, cfg.new_tokens, temperature),
+            cfg,
+            device,
         )
-        assert all(len(s[0].token_ids) == cfg.new_tokens for s in ours) and hf_out.shape[1] == ids.shape[1] + cfg.new_tokens
+        assert all(len(s[0].token_ids) == cfg.new_tokens for s in ours)
+        assert hf_out.shape[1] == ids.shape[1] + cfg.new_tokens
         if temperature == 0.0:
             same = sum(s[0].token_ids == hf_out[r, ids.shape[1]:].tolist() for r, s in enumerate(ours))
             print(f"greedy agreement with HF generate: {same}/{cfg.prompts} sequences identical")
@@ -177,7 +182,9 @@ def run(cfg: BenchArgs) -> dict:
     grouped = [(prompts[i // cfg.group], conts[i]) for i in range(cfg.prompts)]
     for name, pairs in (("score unique contexts", unique), (f"score {cfg.group} per context", grouped)):
         n_tok = sum(len(c) + len(k) for c, k in pairs)
-        t_ours, t_hf, ours, theirs = _timed_pair(lambda: engine.score(pairs), lambda: _hf_score(hf, pairs, device), cfg, device)
+        t_ours, t_hf, ours, theirs = _timed_pair(
+            lambda: engine.score(pairs), lambda: _hf_score(hf, pairs, device), cfg, device
+        )
         diff = max(abs(a.sum_logprob - b) for a, b in zip(ours, theirs))
         print(f"{name}: max |sum logprob difference| vs HF = {diff:.2e}")
         rows.append((name, n_tok / t_ours, n_tok / t_hf))

@@ -19,7 +19,7 @@ class EngineStats:
     prefill_tokens: int = 0  # tokens run through full-sequence forwards (padding excluded)
     decode_rows: int = 0  # sum over one-token decoding forwards of the rows in the batch
     generated_tokens: int = 0
-    forwards: int = 0
+    batches: int = 0  # generation / scoring batches run (after splitting by the token budget)
 
 
 def truncate_left(ids: list[int], limit: int, bos_id: int | None) -> tuple[list[int], int]:
@@ -37,7 +37,9 @@ def truncate_left(ids: list[int], limit: int, bos_id: int | None) -> tuple[list[
     return kept, len(ids) - len(kept)
 
 
-def pack(items: Sequence[T], rows: Callable[[T], int], dims: Callable[[T], tuple[int, int]], budget: int) -> list[list[T]]:
+def pack(
+    items: Sequence[T], rows: Callable[[T], int], dims: Callable[[T], tuple[int, int]], budget: int
+) -> list[list[T]]:
     """Greedy, order-preserving packing: a batch's total rows x (max a + max b) stays <= budget.
 
     ``dims(item) = (a, b)``, e.g. (prompt length, new tokens) for a KV cache of width a + b.

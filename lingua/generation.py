@@ -1,11 +1,13 @@
 """Batched sampling and scoring with a KV cache: the in-process backend behind every model reader.
 
 Batching: left-padded batches. Prompts are deduplicated, sorted by length (longest first) and
-packed under a token budget, so a batch holds prompts of similar length and padding stays small;
-left padding puts every row's last prompt token in the same cache slot, so all rows decode in
-lockstep with one ``cache_pos`` and a per-row position offset and key mask. (Length buckets
-would avoid masks but fragment work into many small batches.) Finished rows are dropped from the
-batch and the KV cache at once (``KVCache.select``), so they stop costing compute.
+packed under a token budget. Left padding puts every row's last prompt token in the same cache
+slot, so all rows of a batch decode in lockstep with one ``cache_pos`` plus a per-row position
+offset and key mask; decoding wants wide batches, and length-bucketed batches would split it
+into many narrow ones. Padding still costs no prefill compute: the prefill itself runs in length
+buckets and is copied into the shared layout (:func:`lingua.batching.left_padded_prefill`).
+Finished rows are dropped from the batch and the KV cache at once (``KVCache.select``), so they
+stop costing compute.
 
 Sharing: a prompt is prefilled once, then its cache rows are repeated for its ``n`` samples (and
 for repeats of the same prompt in the call). :meth:`Engine.score` groups pairs whose context is
@@ -167,7 +169,7 @@ class Engine:
         results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
         for batch in self._plan(self._work(prompts, params)):
             for row in self._run_batch(batch, params):
-                results[row.slot[0]][row.slot[1]] = self._finish(row, params)
+                results[row.slot[0]][row.slot[1]] = self._finish(row, params, self._stop_ids(params))
         return results  # type: ignore[return-value]
 
     def _encode_prompt(self, prompt: Prompt, add_bos: bool, index: int) -> list[int]:
@@ -215,7 +217,7 @@ class Engine:
         cache_len = width + max(w.max_new for w in batch)
         cache, logits, pad = left_padded_prefill(self.model, [w.ids for w in batch], cache_len, dev)
         self.stats.prefill_tokens += sum(len(w.ids) for w in batch)
-        self.stats.forwards += 1
+        self.stats.batches += 1
 
         logits, pad = fan_out(cache, [len(w.samples) for w in batch], logits, pad)
         rows = [
@@ -264,7 +266,6 @@ class Engine:
                 cache_pos=pos,
             )[:, -1]
             self.stats.decode_rows += len(rows)
-            self.stats.forwards += 1
         return done
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -295,10 +296,10 @@ class Engine:
         at, _, stop = min(found)
         return text[:at], stop
 
-    def _finish(self, row: _Row, params: SamplingParams) -> GenerationResult:
+    def _finish(self, row: _Row, params: SamplingParams, stop_ids: set[int]) -> GenerationResult:
         last = row.tokens[-1]
         cut = self._cut_at_stop(row, params) if params.stop_strings else None
-        if last in self._stop_ids(params):
+        if last in stop_ids:
             text, reason, stop = self.tokenizer.decode(row.tokens[:-1]), "stop", last
         elif cut is not None:
             (text, stop), reason = cut, "stop"

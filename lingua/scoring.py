@@ -134,7 +134,7 @@ def _score_flat(model: Transformer, batch: list, results: list, device: torch.de
     tokens = tokens.to(device)
     logits = model(tokens)
     stats.prefill_tokens += sum(len(s) for s in seqs)
-    stats.forwards += 1
+    stats.batches += 1
     lp, greedy = token_logprobs(logits[:, :-1], tokens[:, 1:])
     lp, greedy = lp.cpu(), greedy.cpu()
     for r, (ctx, (i, cont, dropped)) in enumerate(batch):
@@ -163,7 +163,7 @@ def _score_shared(model: Transformer, batch: list, results: list, device: torch.
         mask = torch.cat([ctx_ok, causal], dim=-1)[:, None]
     logits = model(tokens, positions=(width - pad)[:, None] + ar[None], attn_mask=mask, cache=cache, cache_pos=width)
     stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
-    stats.forwards += 2
+    stats.batches += 1
 
     first_lp, first_greedy = token_logprobs(last, tokens[:, 0])
     rest_lp, rest_greedy = token_logprobs(logits[:, :-1], tokens[:, 1:])
