@@ -103,14 +103,19 @@ class BoltLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "BoltLM":
-        """``lm_eval --model bolt --model_args ckpt=PATH,max_gen_tokens=256,device=cpu``."""
+        """``lm_eval --model bolt --model_args ckpt=PATH,max_gen_tokens=256``."""
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "BoltLM":
+        """Build from lm-eval's model args: ``ckpt`` plus any keyword of :meth:`from_checkpoint`.
+        Of lm-eval's extras (``batch_size``, ``device``, ...) only ``device`` means something here."""
+        args = dict(arg_dict)
         ckpt = args.pop("ckpt", None)
         if ckpt is None:
             raise ValueError("model_args must include ckpt=<consolidated folder or run/checkpoints/STEP>")
-        # of lm-eval's extras (batch_size, device, ...) only the device means something here
         device = args.pop("device", None) or (additional_config or {}).get("device") or "cpu"
         return cls.from_checkpoint(ckpt, device=device, **args)
 
