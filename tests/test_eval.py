@@ -19,7 +19,6 @@ from apps.bolt.evaluation.options import HarnessOptions
 from apps.bolt.evaluation.runner import evaluate_tasks
 from apps.bolt.evaluation.tasks import TaskLibrary
 from apps.bolt.formats import EOL, PRIOR, SOL, SPECIAL_TOKENS
-from lingua.consolidated import save_consolidated
 from lingua.generation import Engine, GenerationResult
 from lingua.sampling import SamplingParams
 from lingua.tokenizer import TokenizerArgs, build_tokenizer

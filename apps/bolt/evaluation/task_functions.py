@@ -23,12 +23,7 @@ from typing import Callable, Sequence
 
 from apps.bolt.evaluation import answers
 from apps.bolt.evaluation.exemplars import GSM8K, MATH, MMLU_STEM, Exemplar
-from apps.bolt.formats import GSM8K_STYLE, MATH_STYLE, PRIOR, SOL, EvalFormat
-
-LATENT_OPEN = SOL + PRIOR
-"""What a latent-variant prompt ends with: the model continues inside a prior latent thought."""
-
-Filter = Callable[[Sequence[Sequence[str]], Sequence[dict]], list[list[str]]]
+from apps.bolt.formats import GSM8K_STYLE, MATH_STYLE, EvalFormat
 
 
 def _apply(extract: Callable[[str], str], resps: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -21,11 +21,8 @@ costs ~18 s and none of them is used.
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any, Iterable
-
-logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LATENT_PREFIX = "latent_"
