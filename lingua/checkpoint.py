@@ -175,8 +175,8 @@ class CheckpointManager:
         folder = step_folder(self.dir, step)
         t0 = time.perf_counter()
         if self.env.is_main:
-            if folder.exists():  # debris of an interrupted write of this very step
-                logger.warning("removing incomplete checkpoint folder %s", folder)
+            if folder.exists():  # debris of an interrupted write, or a run restarted with resume off
+                logger.warning("replacing existing %s checkpoint folder %s", "complete" if is_done(folder) else "incomplete", folder)
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
         barrier()

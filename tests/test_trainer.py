@@ -194,6 +194,15 @@ def test_accumulation_is_a_token_mean_clipped_once_per_step(corpus, tmp_path):
         assert accumulated["losses"][step] == pytest.approx(whole["losses"][step], rel=1e-5, abs=1e-6)
 
 
+def test_document_mask_reaches_the_model(corpus, tmp_path):
+    """``data.doc_mask`` makes the batches carry ``doc_ids`` and the model attend within each
+    packed document only: same data, different first loss (with activation checkpointing on)."""
+    common = {"steps": 1, "checkpoint.consolidate": False, "distributed.activation_checkpointing": True}
+    plain = train(debug_cfg(corpus, tmp_path / "plain", **common))
+    masked = train(debug_cfg(corpus, tmp_path / "masked", **{"data.doc_mask": True}, **common))
+    assert math.isfinite(masked["losses"][1]) and masked["losses"][1] != plain["losses"][1]
+
+
 def test_init_from_consolidated_checkpoint(corpus, reference, tmp_path):
     """A fresh run initialised from the reference run's consolidated export starts from those
     weights: its first loss equals the loss of the loaded export on the same first batch."""
