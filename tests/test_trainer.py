@@ -228,3 +228,26 @@ def test_init_checkpoint_that_does_not_fit_names_the_tensors(corpus, reference, 
     cfg = debug_cfg(corpus, tmp_path / "run", **{"model.dim": 32, "checkpoint.init_ckpt_path": reference["consolidated"]})
     with pytest.raises(ValueError, match=r"tok_embeddings.weight: \(258, 64\)"):
         train(cfg)
+
+
+def test_progress_eta_mfu_and_metric_truncation(tmp_path):
+    from lingua.logger import Progress, format_duration
+    from lingua.metrics import mfu, peak_flops, truncate_metrics
+
+    now = [100.0]
+    progress = Progress(total_steps=110, start_step=10, clock=lambda: now[0])
+    now[0] = 130.0  # first step (compilation, warm-up) took 30 s: left out of the ETA
+    progress.mark_first_step()
+    now[0] = 140.0  # then 5 steps of 2 s each
+    assert progress.eta_seconds(16) == pytest.approx(94 * 2.0)
+    assert "ETA 0:03:08" in progress.line(16, 2.5, 1e-3, 0.7, 1234.0) and "1.2k tok/s" in progress.line(16, 2.5, 1e-3, 0.7, 1234.0)
+    assert format_duration(float("nan")) == "?" and format_duration(3725) == "1:02:05"
+
+    assert peak_flops(torch.device("cpu")) is None
+    assert mfu(6e9, 1e4, None, 1) is None
+    assert mfu(6e9, 1e4, 1e15, 4) == pytest.approx(6e13 / 4e15)
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 9)) + '{"step": 9, "lo')
+    assert truncate_metrics(path, 5) == 4  # steps 6-8 and the torn line
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
