@@ -227,8 +227,9 @@ def test_stop_strings_spanning_several_tokens(engine):
         stops.append(text[6:9])  # 3 characters: at least 2 tokens, maybe mid-piece
     for i, prompt in enumerate(PROMPTS):
         stop = stops[i]
-        res = engine.generate(PROMPTS, greedy(30, stop_strings=[stop, "never-generated-#"]))
-        r, full = res[i][0], free[i][0]
+        neighbour = PROMPTS[(i + 1) % len(PROMPTS)]  # stop handling is per row inside a batch
+        res = engine.generate([prompt, neighbour], greedy(30, stop_strings=[stop, "never-generated-#"]))
+        r, full = res[0][0], free[i][0]
         k = _first_prefix_containing(full.token_ids, stop)
         assert k >= 2 and r.finish_reason == "stop" and r.stop_reason == stop
         assert r.token_ids == full.token_ids[:k] and len(r.logprobs) == k  # stop tokens recorded and scored
