@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash setup/install.sh
 export WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -q "$@"
 rc=$?
 set -e
 # pytest exit code 5 means "no tests collected": not a failure of the project.
