@@ -51,10 +51,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, data)
 
 
+class _Replace(dict):
+    """A mapping given whole on the command line (``data.sources={a: 1.0}``): it replaces the
+    mapping below it instead of merging into it, so keys from the YAML do not linger."""
+
+
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, _Replace):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -116,6 +123,8 @@ def _dotlist_to_dict(items: Sequence[str]) -> dict:
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_\w]+)*", key):
             raise ConfigError(f"override '{item}': bad key '{key}'")
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, dict):
+            value = _Replace(value)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -70,6 +70,10 @@ class ValArgs:
     """Validate every N steps (0: only at the end) when ``source`` is set."""
     batches: int = 4
     """Batches per data shard in one validation (always the first ones: comparable over time)."""
+    format: str = "text"
+    """Registered formatter for the held-out documents. The default reads them as plain text,
+    whatever the training layout: held-out sets are raw documents, and a latent layout would
+    reject every one of them. ``train`` uses the training formatter (``format_fn`` / ``data.format``)."""
 
     def validate(self) -> None:
         if self.every < 0 or self.batches < 1:
@@ -221,12 +225,11 @@ class _Run:
             n_params / 1e6, self.total, cfg.global_batch(self.data_shards), cfg.data.seq_len, self.data_shards, env.world_size,
         )
 
-    def _data_iter(self, data_args: DataArgs, shard: int, state: dict | None) -> Iterator:
+    def _data_iter(self, data_args: DataArgs, shard: int, state: dict | None, format_fn: Any = "train") -> Iterator:
         from lingua.data import build_data_iterator
 
-        return build_data_iterator(
-            data_args, self.tokenizer, rank=shard, world_size=self.data_shards, state=state, format_fn=self.format_fn
-        )
+        fn = self.format_fn if format_fn == "train" else format_fn
+        return build_data_iterator(data_args, self.tokenizer, rank=shard, world_size=self.data_shards, state=state, format_fn=fn)
 
     # -------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -263,11 +266,15 @@ class _Run:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
-        val_data = dataclasses.replace(cfg.data, sources={cfg.val.source: 1.0}, prefetch=False)
+        same = cfg.val.format == "train"
+        val_data = dataclasses.replace(
+            cfg.data, sources={cfg.val.source: 1.0}, prefetch=False, shuffle_buffer=0,
+            format=cfg.data.format if same else cfg.val.format,
+        )
         self.model.eval()
         loss_sum = count = 0.0
         for s in self.shards:
-            it = self._data_iter(val_data, s, None)
+            it = self._data_iter(val_data, s, None, self.format_fn if same else None)
             for _ in range(cfg.val.batches):
                 batch, _ = next(it)
                 with D.autocast(cfg.distributed, self.env):

@@ -3,6 +3,8 @@ dump -> load identity."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -144,3 +146,24 @@ def test_dc_replace_and_help(capsys):
         parse_args(Cfg, ["--help"])
     assert e.value.code == 0
     assert "steps: 10" in capsys.readouterr().out
+
+
+@dataclasses.dataclass
+class _Sources:
+    sources: dict[str, float] = dataclasses.field(default_factory=dict)
+    batch: int = 1
+
+
+@dataclasses.dataclass
+class _WithSources:
+    data: _Sources = dataclasses.field(default_factory=_Sources)
+
+
+def test_mapping_override_replaces_the_yaml_mapping(tmp_path):
+    """``key={...}`` on the command line replaces a mapping; ``key.sub=value`` merges into it."""
+    Outer = _WithSources
+    y = tmp_path / "c.yaml"
+    y.write_text("data:\n  sources: {train: 1.0, extra: 0.5}\n  batch: 4\n")
+    assert load_config(Outer, y, ["data.sources={latent: 1.0}"]).data.sources == {"latent": 1.0}
+    assert load_config(Outer, y, ["data.sources.more=2.0"]).data.sources == {"train": 1.0, "extra": 0.5, "more": 2.0}
+    assert load_config(Outer, y, ["data={batch: 8}"]).data.batch == 8

@@ -171,7 +171,7 @@ class EMDriver:
             f"dump_dir={run_dir}",
             f"data.root_dir={self.data}",
             f"data.sources={{{source}: 1.0}}",
-            f"data.format={layout}",
+            f"layout.name={layout}",
             f"num_tokens={tokens}",
             f"seed={seed}",
             f"data.seed={seed}",

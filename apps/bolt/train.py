@@ -4,46 +4,58 @@
     torchrun --nproc_per_node=N -m apps.bolt.train config=... key.sub=value ...
 
 The work is the core trainer (``lingua.trainer.train``); this module only adds what is BoLT
-specific: the latent layouts (``apps/bolt/formats.py``, registered with the data pipeline as
-``data.format`` names on import) and, through ``BoltTrainArgs``, the app's config sections.
+specific, through ``BoltTrainArgs``:
+
+* ``layout`` (:class:`apps.bolt.formats.LayoutArgs`): how latent records become training text
+  (``raw``, ``prior``, ``posterior``, ``random``, ``pure``, raw mixing, fallback, whether latent
+  tokens count in the loss). It becomes the data pipeline's formatter and is recorded in the
+  run's config, which is how evaluation picks the raw or latent task variant;
+* ``eval`` (:class:`apps.bolt.evaluation.in_training.InTrainingEvalArgs`): validation NLL on
+  held-out raw documents, the ELBO for latent layouts, and few-shot tasks on the live model,
+  run every ``eval_every`` steps and at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from apps.bolt.evaluation.in_training import InTrainingEvalArgs
+from apps.bolt.formats import LayoutArgs, make_layout
 from lingua.args import parse_args, to_dict
 from lingua.trainer import TrainArgs, train
 
 
+def _raw_layout() -> LayoutArgs:
+    return LayoutArgs(name="raw")
+
+
 @dataclass
 class BoltTrainArgs(TrainArgs):
-    """The core ``TrainArgs`` plus the BoLT sections.
+    """The core ``TrainArgs`` plus the BoLT sections (see the module docstring)."""
 
-    The ``layout`` section (a ``apps.bolt.formats.LayoutArgs``: which latent layout turns
-    records into training text) belongs here; :func:`build_format_fn` already turns it into
-    the data pipeline's formatter once it exists. Until then ``data.format=<layout name>``
-    selects a layout with its default options.
-    """
+    layout: LayoutArgs = field(default_factory=_raw_layout)
+    eval: InTrainingEvalArgs = field(default_factory=InTrainingEvalArgs)
 
 
 def build_format_fn(cfg: BoltTrainArgs) -> Any:
-    """The document formatter for the data pipeline: the configured latent layout, or None to
-    let the pipeline look up ``data.format`` in its registry."""
-    layout = getattr(cfg, "layout", None)
-    if layout is None:
-        return None
-    from apps.bolt.formats import make_layout
-
-    options = to_dict(layout)
+    """The document formatter of the configured layout (the record's text field is ``data.text_key``)."""
+    options = to_dict(cfg.layout)
+    options["text_key"] = cfg.data.text_key
     return make_layout(options.pop("name"), **options)
 
 
-def run(cfg: BoltTrainArgs) -> dict:
-    import apps.bolt.formats  # noqa: F401  registers the latent layouts as data.format names
+def build_hooks(cfg: BoltTrainArgs) -> list:
+    from apps.bolt.evaluation.in_training import build_eval_hooks
+    from lingua.tokenizer import build_tokenizer
 
-    return train(cfg, format_fn=build_format_fn(cfg))
+    if not (cfg.eval.val_docs or cfg.eval.tasks):
+        return []
+    return build_eval_hooks(cfg.eval, build_tokenizer(cfg.tokenizer), layout=cfg.layout.name)
+
+
+def run(cfg: BoltTrainArgs) -> dict:
+    return train(cfg, format_fn=build_format_fn(cfg), eval_hooks=build_hooks(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
