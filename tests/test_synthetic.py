@@ -359,3 +359,31 @@ def test_synthetic_tokenizer_is_built_once_and_round_trips(tmp_path, monkeypatch
     assert steps["raw_tokens"] == sum(len(tok.encode(d["text"])) for d in docs) == restate["raw_tokens"]
     assert 0 < steps["latent_tokens"] < restate["latent_tokens"]
     assert steps["augmented_tokens"] > steps["raw_tokens"] + steps["latent_tokens"]
+
+
+# --- probe --------------------------------------------------------------------------------------
+def test_probe_runs_both_conditions_on_a_token_budget(tmp_path):
+    from apps.bolt.synthetic.probe import ProbeArgs, run
+    from lingua.transformer import TransformerArgs
+
+    cfg = ProbeArgs(
+        out_dir=str(tmp_path / "probe"),
+        cache_dir=str(tmp_path / "cache"),
+        num_docs=30,
+        model=TransformerArgs(dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_seqlen=512),
+        train_tokens=2 * 4 * 64,
+        seq_len=64,
+        batch_size=4,
+        n_eval=3,
+        num_fewshot=1,
+        log_every=1,
+    )
+    results = run(cfg)
+    assert json.loads((tmp_path / "probe" / "results.json").read_text()) == results
+    assert results["latent_layout_tokens"] > results["raw_tokens"] > 0
+    runs = {r["condition"]: r for r in results["runs"]}
+    assert set(runs) == {"raw", "latent"}
+    assert set(runs["raw"]["eval"]) == {"raw"} and set(runs["latent"]["eval"]) == {"latent", "raw"}
+    for r in runs.values():
+        for report in r["eval"].values():
+            assert report["all"]["n"] == 3 and 0.0 <= report["all"]["accuracy"] <= 1.0

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from apps.bolt.chunking import ChunkArgs
 from apps.bolt.formats import make_layout
 from apps.bolt.synthetic.corpus import WorldArgs, generate_corpus, make_world_args
-from apps.bolt.synthetic.oracle import DEFAULT_LATENT_STYLE, oracle_records
+from apps.bolt.synthetic.oracle import DEFAULT_LATENT_STYLE, oracle_records, synthetic_chunk_args
 from apps.bolt.synthetic.tasks import accuracy_report, build_prompt, generate_eval_problems, grade, stop_strings
 from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
 from lingua.args import dump_config, parse_args
@@ -50,7 +50,10 @@ from lingua.transformer import TransformerArgs, build_model
 
 
 def _probe_model() -> TransformerArgs:
-    return TransformerArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=384, max_seqlen=512)
+    """A narrower sibling of the project's ``tiny`` model (configs/model/tiny.yaml: width 192):
+    width 128, 4 layers, 4 heads sharing 2 kv heads, FFN 384; 0.92M parameters with the
+    512-entry synthetic vocabulary, so a probe run takes minutes on a shared 2-core CPU."""
+    return TransformerArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seqlen=512)
 
 
 @dataclass
@@ -60,25 +63,26 @@ class ProbeArgs:
     """Where the synthetic tokenizer is cached."""
     world: WorldArgs = field(default_factory=WorldArgs)
     latent_style: str = DEFAULT_LATENT_STYLE
-    chunk: ChunkArgs = field(default_factory=ChunkArgs)
+    chunk: ChunkArgs = field(default_factory=synthetic_chunk_args)
     num_docs: int = 2000
     corpus_seed: int = 0
     conditions: list[str] = field(default_factory=lambda: ["raw", "latent"])
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds (model init and data order); the corpus stays fixed."""
     model: TransformerArgs = field(default_factory=_probe_model)
-    train_tokens: int = 1_000_000
+    train_tokens: int = 3_000_000
     """Training tokens per run, the same for every condition (token-matched)."""
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.1
     eval_split: str = "dev"
-    n_eval: int = 200
+    n_eval: int = 100
     num_fewshot: int = 3
     eval_seed: int = 0
     threads: int = 2
+    log_every: int = 250
 
     def validate(self) -> None:
         if set(self.conditions) - {"raw", "latent"} or not self.conditions:
@@ -117,7 +121,8 @@ def train_one(cfg: ProbeArgs, records: list[dict], layout: str, tok: Tokenizer, 
     stream = windows(records, layout, tok, cfg.seq_len, np.random.default_rng([seed, 1]))
     losses = []
     model.train()
-    for _ in range(steps):
+    t0 = time.time()
+    for step in range(steps):
         batch = torch.tensor([next(stream) for _ in range(cfg.batch_size)])
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -127,6 +132,9 @@ def train_one(cfg: ProbeArgs, records: list[dict], layout: str, tok: Tokenizer, 
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            rate = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - t0)
+            print(f"  {layout} seed {seed} step {step + 1}/{steps} loss {np.mean(losses[-cfg.log_every:]):.3f} ({rate:.0f} tok/s)", flush=True)
     model.eval()
     return model, losses
 

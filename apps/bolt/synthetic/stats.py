@@ -17,7 +17,7 @@ import numpy as np
 from apps.bolt.chunking import ChunkArgs
 from apps.bolt.formats import make_layout
 from apps.bolt.synthetic.corpus import WorldArgs, generate_corpus, make_world_args
-from apps.bolt.synthetic.oracle import oracle_records
+from apps.bolt.synthetic.oracle import oracle_records, synthetic_chunk_args
 from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
 from lingua.args import parse_args
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -28,7 +28,7 @@ class StatsArgs:
     num_docs: int = 2000
     seed: int = 0
     world: WorldArgs = field(default_factory=WorldArgs)
-    chunk: ChunkArgs = field(default_factory=ChunkArgs)
+    chunk: ChunkArgs = field(default_factory=synthetic_chunk_args)
     latent_styles: list[str] = field(default_factory=lambda: ["steps", "restate"])
     cache_dir: str = ".cache/synthetic"
     vocab_size: int = 512

@@ -317,7 +317,7 @@ class ChainWorld(World):
         if not question.endswith("."):
             return None
         body = question[:-1]
-        found = self._match_first([(p, s) for p, s in self.starts], body, 0)
+        found = self._match_first(self.starts, body, 0)
         if found is None:
             return None
         start_steps, slots, pos = found
