@@ -383,7 +383,8 @@ def test_probe_runs_both_conditions_on_a_token_budget(tmp_path):
     assert results["latent_layout_tokens"] > results["raw_tokens"] > 0
     runs = {r["condition"]: r for r in results["runs"]}
     assert set(runs) == {"raw", "latent"}
-    assert set(runs["raw"]["eval"]) == {"raw"} and set(runs["latent"]["eval"]) == {"latent", "raw"}
+    assert set(runs["raw"]["eval"]) == {"raw", "raw_0shot"}
+    assert set(runs["latent"]["eval"]) == {"latent", "latent_0shot", "raw"}
     for r in runs.values():
         for report in r["eval"].values():
             assert report["all"]["n"] == 3 and 0.0 <= report["all"]["accuracy"] <= 1.0

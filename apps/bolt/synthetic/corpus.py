@@ -11,9 +11,10 @@ statement per line, each a question sentence and an answer sentence without the 
     Convert 3 feet 5 inches to inches. That is 41 inches.
 
 Why two sentences per statement: the chunker cuts at sentence ends, so a chunk boundary often
-falls between a question and its answer. The latent thought of the chunk that starts with the
-answer then sits exactly where a model would need the work ("...= 31.<thought> So x = 8."),
-which is also the shape of the latent variant of the evaluation task (:mod:`.tasks`).
+falls between a question and its answer (about half the time with the world's chunking,
+:func:`apps.bolt.synthetic.oracle.synthetic_chunk_args`). The latent thought of the chunk that
+starts with the answer then sits exactly where a model needs the work ("...= 31.<thought> So
+x = 8."), which is also the shape of the latent variant of the evaluation task (:mod:`.tasks`).
 
 Records are raw documents ``{"id", "text", "source", "seed", "problems"}``; ``problems`` lists
 what the generator wrote (world, template, line, answer, derivation) for tests and statistics.
@@ -44,7 +45,6 @@ EVAL_STREAMS = {"fewshot": 1, "dev": 2, "test": 3}
 # Each evaluation split owns a fixed slice of the evaluation share of the hash range, so the
 # three are disjoint from each other (and from training) for any seeds.
 EVAL_SPLITS = {"fewshot": (0.0, 0.1), "dev": (0.1, 0.4), "test": (0.4, 1.0)}
-SPLITS = ("train", *EVAL_SPLITS)
 MAX_TRIES = 2000
 PROBES = 500
 
@@ -166,14 +166,14 @@ def sample_problem(rng: np.random.Generator, args: WorldArgs, split: str = "trai
     if world is not None and world not in options:
         raise ValueError(f"world {world!r} makes no problems within the knobs ({options})")
     sampler = Sampler(rng, args.digits, args.max_value)
-    names = sorted(options, key=args.worlds.index)
+    names = list(options)
     for _ in range(MAX_TRIES):
         name = world or sampler.pick(names)
         try:
             problem = WORLDS[name].sample(sampler, sampler.pick(options[name]), args.ops)
         except Reject:
             continue
-        if max(max(s.a, s.b) for s in problem.steps) <= args.max_value and split_of(problem, args.eval_fraction) == split:
+        if _within(problem, args.max_value) and split_of(problem, args.eval_fraction) == split:
             return problem
     raise RuntimeError(f"no {split} problem found in {MAX_TRIES} draws for world={world} and knobs {args}")
 

@@ -15,7 +15,8 @@ cheaply after a change to the generator. It is deliberately small and self-conta
    :mod:`apps.bolt.formats` (a fresh prior/posterior coin per chunk and epoch);
 3. greedy few-shot evaluation on held-out ``dev`` problems through :class:`lingua.generation.Engine`:
    the raw model on the raw variant, the latent model on the latent variant (it writes its own
-   thought) and, as a diagnostic, on the raw variant too.
+   thought); as diagnostics, both again without exemplars, and the latent model on the raw
+   variant.
 
 The training loop is a plain AdamW loop over packed windows (BOS/EOS documents, no document
 mask), not the project trainer; the final numbers of the issue are to be measured with the
@@ -80,6 +81,8 @@ class ProbeArgs:
     eval_split: str = "dev"
     n_eval: int = 100
     num_fewshot: int = 3
+    zero_shot: bool = True
+    """Also evaluate every model without exemplars."""
     eval_seed: int = 0
     threads: int = 2
     log_every: int = 250
@@ -139,9 +142,9 @@ def train_one(cfg: ProbeArgs, records: list[dict], layout: str, tok: Tokenizer, 
     return model, losses
 
 
-def evaluate(model: torch.nn.Module, tok: Tokenizer, cfg: ProbeArgs, variant: str) -> dict:
+def evaluate(model: torch.nn.Module, tok: Tokenizer, cfg: ProbeArgs, variant: str, num_fewshot: int) -> dict:
     items = generate_eval_problems(cfg.n_eval, cfg.eval_seed, cfg.eval_split, args=cfg.world)
-    shots = generate_eval_problems(cfg.num_fewshot, cfg.eval_seed, "fewshot", args=cfg.world)
+    shots = generate_eval_problems(num_fewshot, cfg.eval_seed, "fewshot", args=cfg.world)
     prompts = [build_prompt(item, shots, variant, cfg.latent_style) for item in items]
     engine = Engine(model, tok)
     params = SamplingParams(temperature=0.0, max_new_tokens=96 if variant == "latent" else 24, stop_strings=stop_strings(variant))
@@ -151,6 +154,19 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, cfg: ProbeArgs, variant: st
     report = accuracy_report(items, correct)
     report["examples"] = [{"prompt_tail": p[-120:], "generation": o[0].text} for p, o in zip(prompts[:3], outs[:3])]
     return report
+
+
+def evaluations(cfg: ProbeArgs, condition: str) -> dict[str, tuple[str, int]]:
+    """Name -> (variant, shots). Each model is graded on its own variant with ``num_fewshot``
+    exemplars; zero-shot runs show how much comes from the exemplars rather than from training;
+    the latent model on the raw variant shows what its thoughts add."""
+    own = "raw" if condition == "raw" else "latent"
+    out = {own: (own, cfg.num_fewshot)}
+    if cfg.zero_shot:
+        out[f"{own}_0shot"] = (own, 0)
+    if condition == "latent":
+        out["raw"] = ("raw", cfg.num_fewshot)
+    return out
 
 
 def run(cfg: ProbeArgs) -> dict:
@@ -171,7 +187,7 @@ def run(cfg: ProbeArgs) -> dict:
         for condition in cfg.conditions:
             t0 = time.time()
             model, losses = train_one(cfg, records, "raw" if condition == "raw" else "random", tok, seed)
-            evals = {v: evaluate(model, tok, cfg, v) for v in (["raw"] if condition == "raw" else ["latent", "raw"])}
+            evals = {name: evaluate(model, tok, cfg, v, k) for name, (v, k) in evaluations(cfg, condition).items()}
             run_result = {
                 "condition": condition,
                 "seed": seed,
@@ -181,7 +197,7 @@ def run(cfg: ProbeArgs) -> dict:
                 "eval": evals,
             }
             results["runs"].append(run_result)
-            accs = ", ".join(f"{v} variant {e['all']['accuracy']:.3f}" for v, e in evals.items())
+            accs = ", ".join(f"{name} {e['all']['accuracy']:.3f}" for name, e in evals.items())
             print(f"seed {seed} {condition:6s}: loss {run_result['final_loss']:.3f}, {accs} ({run_result['seconds']} s)", flush=True)
             atomic_write_json(out / "results.json", results)
     return results
