@@ -95,35 +95,47 @@ def left_padded_prefill(
     """Fill a fresh KV cache with prompts right-aligned at slot ``max(len)`` (left padding).
 
     Returns (cache, last-token logits [P, V], pad lengths [P]). Prompts of very different
-    lengths are prefilled in length buckets (:func:`length_buckets`) and copied into place, so
-    the padding of the decoding layout costs no prefill compute.
+    lengths are prefilled in length buckets (:func:`length_buckets`), so the padding of the
+    decoding layout costs no prefill compute. A bucket of consecutive rows (prompts sorted
+    longest first) is prefilled in place, through a window of the cache; other buckets are
+    prefilled apart and copied in. Slots left of a bucket's window are zeroed (they are read,
+    masked); the cache beyond ``max(len)`` is left for decoding to write.
     """
     lens = [len(p) for p in prompts]
     width = max(lens)
     pad = torch.tensor([width - n for n in lens], device=device)
-    buckets = length_buckets(lens)
-    if len(buckets) == 1:
-        cache, logits = _prefill(model, prompts, cache_len, device)
-        return cache, logits, pad
-    cache = model.new_cache(len(prompts), cache_len)
-    logits = None
-    for rows in buckets:
-        sub_cache, sub_logits = _prefill(model, [prompts[i] for i in rows], lens[rows[0]], device)
-        idx = torch.tensor(rows, device=device)
+    cache = model.new_cache(len(prompts), cache_len, zero=False)
+    parts: list[tuple[list[int], torch.Tensor]] = []
+    for rows in length_buckets(lens):
         start = width - lens[rows[0]]
+        bucket = [prompts[i] for i in rows]
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            span = slice(rows[0], rows[-1] + 1)
+            parts.append((rows, _prefill(model, bucket, [layer.window(span, start) for layer in cache], device)))
+            for layer in cache:
+                layer.k[span, :, :start] = 0
+                layer.v[span, :, :start] = 0
+            continue
+        sub_cache = model.new_cache(len(rows), width - start, zero=False)
+        parts.append((rows, _prefill(model, bucket, sub_cache, device)))
+        idx = torch.tensor(rows, device=device)
         for layer, sub in zip(cache, sub_cache):
+            layer.k[idx, :, :start] = 0
+            layer.v[idx, :, :start] = 0
             layer.k[idx, :, start:width] = sub.k
             layer.v[idx, :, start:width] = sub.v
-        if logits is None:
-            logits = sub_logits.new_empty(len(prompts), sub_logits.shape[-1])
-        logits[idx] = sub_logits
+    if len(parts) == 1:
+        return cache, parts[0][1], pad
+    logits = parts[0][1].new_empty(len(prompts), parts[0][1].shape[-1])
+    for rows, part in parts:
+        logits[torch.tensor(rows, device=device)] = part
     return cache, logits, pad
 
 
 def _prefill(
-    model: Transformer, prompts: Sequence[Sequence[int]], cache_len: int, device: torch.device
-) -> tuple[list[KVCache], torch.Tensor]:
-    """One left-padded forward from cache slot 0; returns (cache, last-token logits [P, V]).
+    model: Transformer, prompts: Sequence[Sequence[int]], cache: list[KVCache], device: torch.device
+) -> torch.Tensor:
+    """One left-padded forward into ``cache`` from slot 0; returns last-token logits [P, V].
 
     Rows see only their own tokens. A pad query attends to itself alone: some SDPA kernels
     return NaN for a fully masked query row, and NaN keys/values in the cache would poison real
@@ -135,7 +147,6 @@ def _prefill(
     for i, p in enumerate(prompts):
         tokens[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
     tokens, pad = tokens.to(device), (width - lens).to(device)
-    cache = model.new_cache(len(prompts), cache_len)
     if bool((pad == 0).all()):
         logits = model(tokens, cache=cache, cache_pos=0, last_only=True)
     else:
@@ -145,7 +156,7 @@ def _prefill(
         causal = ar[:, None] >= ar[None, :]  # [S, T]
         mask = (causal[None] & key_ok) | torch.eye(width, dtype=torch.bool, device=device)[None]
         logits = model(tokens, positions=positions, attn_mask=mask[:, None], cache=cache, cache_pos=0, last_only=True)
-    return cache, logits[:, -1]
+    return logits[:, -1]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

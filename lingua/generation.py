@@ -5,9 +5,11 @@ packed under a token budget. Left padding puts every row's last prompt token in 
 slot, so all rows of a batch decode in lockstep with one ``cache_pos`` plus a per-row position
 offset and key mask; decoding wants wide batches, and length-bucketed batches would split it
 into many narrow ones. Padding still costs no prefill compute: the prefill itself runs in length
-buckets and is copied into the shared layout (:func:`lingua.batching.left_padded_prefill`).
-Finished rows are dropped from the batch and the KV cache at once (``KVCache.select``), so they
-stop costing compute.
+buckets, each written in place into the shared layout (:func:`lingua.batching.left_padded_prefill`).
+Decoding runs on input-major copies of the weights (:meth:`Transformer.packed_weights`), which
+MKL multiplies faster when each step has only a few rows.
+Finished rows are dropped from the batch and the KV cache at once (``KVCache.keep``, in place),
+so they stop costing compute.
 
 Sharing: a prompt is prefilled once, then its cache rows are repeated for its ``n`` samples (and
 for repeats of the same prompt in the call). :meth:`Engine.score` groups pairs whose context is
@@ -35,7 +37,7 @@ import torch
 from lingua.batching import EngineStats, fan_out, left_padded_prefill, pack, truncate_left
 from lingua.sampling import SamplingParams, draw, stream_key, stream_uniforms
 from lingua.scoring import ScoreResult, score_pairs
-from lingua.transformer import Transformer
+from lingua.transformer import Transformer, additive_mask
 
 Prompt = Union[str, Sequence[int]]
 
@@ -167,9 +169,13 @@ class Engine:
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[GenerationResult]]:
         params.validate()
         results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
-        for batch in self._plan(self._work(prompts, params)):
-            for row in self._run_batch(batch, params):
-                results[row.slot[0]][row.slot[1]] = self._finish(row, params, self._stop_ids(params))
+        # decoding multiplies a few rows at a time: worth one copy of the weights per call (scoring
+        # multiplies whole sequences, where the layout gains little and the copy would dominate
+        # small calls)
+        with self.model.packed_weights():
+            for batch in self._plan(self._work(prompts, params)):
+                for row in self._run_batch(batch, params):
+                    results[row.slot[0]][row.slot[1]] = self._finish(row, params, self._stop_ids(params))
         return results  # type: ignore[return-value]
 
     def _encode_prompt(self, prompt: Prompt, add_bos: bool, index: int) -> list[int]:
@@ -225,7 +231,8 @@ class Engine:
             for w in batch
             for slot, s, dropped in w.samples
         ]
-        key_ok = torch.arange(cache_len, device=dev)[None] >= pad[:, None]  # [R, cache_len]
+        # additive key mask [R, 1, 1, cache_len]: 0 on each row's own slots, -inf on its padding
+        bias = additive_mask(torch.arange(cache_len, device=dev)[None] >= pad[:, None])[:, None, None]
         stops = self._stop_ids(params)
         done: list[_Row] = []
         for step in range(cache_len - width):
@@ -252,16 +259,16 @@ class Engine:
                 break
             next_tokens = d.tokens
             if len(keep) < len(rows):
-                idx = torch.tensor(keep, device=dev)
                 for layer_cache in cache:
-                    layer_cache.select(idx)
+                    layer_cache.keep(keep, width + step)
+                idx = torch.tensor(keep, device=dev)
                 rows = [rows[i] for i in keep]
-                pad, key_ok, next_tokens = pad[idx], key_ok[idx], next_tokens[idx]
+                pad, bias, next_tokens = pad[idx], bias[idx], next_tokens[idx]
             pos = width + step
             logits = self.model(
                 next_tokens[:, None],
                 positions=(pos - pad)[:, None],
-                attn_mask=key_ok[:, None, None, : pos + 1],
+                attn_mask=bias[..., : pos + 1],
                 cache=cache,
                 cache_pos=pos,
             )[:, -1]

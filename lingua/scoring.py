@@ -125,25 +125,37 @@ def _result(lp: torch.Tensor, greedy: torch.Tensor, dropped: int) -> ScoreResult
 
 
 def _score_flat(model: Transformer, batch: list, results: list, device: torch.device, stats: EngineStats) -> None:
-    """One causal forward over right-padded context+continuation rows (padding sits after the text)."""
+    """One causal forward over right-padded context+continuation rows (padding sits after the text).
+
+    Logits are computed only where a continuation token is predicted (context and padding
+    positions need none): the output projection and log-softmax shrink accordingly.
+    """
     seqs = [ctx + cont for ctx, (_, cont, _) in batch]
     width = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
     for r, s in enumerate(seqs):
         tokens[r, : len(s)] = torch.tensor(s)
-    tokens = tokens.to(device)
-    logits = model(tokens)
+    # flat index (row * width + position) of the state predicting each continuation token
+    where = torch.tensor([r * width + p for r, (ctx, (_, cont, _)) in enumerate(batch)
+                          for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)], dtype=torch.long)  # fmt: skip
+    targets = torch.tensor([t for _, (_, cont, _) in batch for t in cont], dtype=torch.long)
+    h = model.hidden(tokens.to(device))
     stats.prefill_tokens += sum(len(s) for s in seqs)
     stats.batches += 1
-    lp, greedy = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    lp, greedy = token_logprobs(model.logits(h.flatten(0, 1)[where.to(device)]), targets.to(device))
     lp, greedy = lp.cpu(), greedy.cpu()
-    for r, (ctx, (i, cont, dropped)) in enumerate(batch):
-        span = slice(len(ctx) - 1, len(ctx) + len(cont) - 1)
-        results[i] = _result(lp[r, span], greedy[r, span], dropped)
+    at = 0
+    for _, (i, cont, dropped) in batch:
+        results[i] = _result(lp[at : at + len(cont)], greedy[at : at + len(cont)], dropped)
+        at += len(cont)
 
 
 def _score_shared(model: Transformer, batch: list, results: list, device: torch.device, stats: EngineStats) -> None:
-    """Prefill each context once, fan its cache out to its continuations, run them all at once."""
+    """Prefill each context once, fan its cache out to its continuations, run them all at once.
+
+    Contexts are prefilled longest first (the order :func:`left_padded_prefill` fills in place).
+    """
+    batch = sorted(batch, key=lambda g: -len(g[0]))
     contexts = [ctx for ctx, _ in batch]
     members = [m for _, ms in batch for m in ms]
     width = max(len(c) for c in contexts)
@@ -161,13 +173,22 @@ def _score_shared(model: Transformer, batch: list, results: list, device: torch.
         ctx_ok = (torch.arange(width, device=device)[None] >= pad[:, None])[:, None, :].expand(-1, span, -1)
         causal = (ar[:, None] >= ar[None, :])[None].expand(len(members), -1, -1)
         mask = torch.cat([ctx_ok, causal], dim=-1)[:, None]
-    logits = model(tokens, positions=(width - pad)[:, None] + ar[None], attn_mask=mask, cache=cache, cache_pos=width)
+    h = model.hidden(tokens, positions=(width - pad)[:, None] + ar[None], attn_mask=mask, cache=cache, cache_pos=width)
     stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
     stats.batches += 1
 
+    # token 0 of each continuation is predicted by the prefill's last logits, token j > 0 by the
+    # continuation state j - 1: only those states get logits
+    where = torch.tensor([r * span + p for r, (_, cont, _) in enumerate(members) for p in range(len(cont) - 1)],
+                         dtype=torch.long)  # fmt: skip
+    rest = torch.tensor([t for _, cont, _ in members for t in cont[1:]], dtype=torch.long, device=device)
     first_lp, first_greedy = token_logprobs(last, tokens[:, 0])
-    rest_lp, rest_greedy = token_logprobs(logits[:, :-1], tokens[:, 1:])
-    lp = torch.cat([first_lp[:, None], rest_lp], dim=1).cpu()
-    greedy = torch.cat([first_greedy[:, None], rest_greedy], dim=1).cpu()
+    rest_lp, rest_greedy = token_logprobs(model.logits(h.flatten(0, 1)[where.to(device)]), rest)
+    first_lp, first_greedy, rest_lp, rest_greedy = (t.cpu() for t in (first_lp, first_greedy, rest_lp, rest_greedy))
+    at = 0
     for r, (i, cont, dropped) in enumerate(members):
-        results[i] = _result(lp[r, : len(cont)], greedy[r, : len(cont)], dropped)
+        n = len(cont) - 1
+        lp = torch.cat([first_lp[r : r + 1], rest_lp[at : at + n]])
+        greedy = torch.cat([first_greedy[r : r + 1], rest_greedy[at : at + n]])
+        results[i] = _result(lp, greedy, dropped)
+        at += n

@@ -4,16 +4,20 @@ RMSNorm, rotary embeddings in the Meta (interleaved-pair) layout, grouped-query 
 ``scaled_dot_product_attention``, SwiGLU feed-forward. ``Transformer.forward`` serves:
 
 * training: ``forward(tokens)`` with a causal mask, optionally block-diagonal per document
-  (``doc_ids``) for packed sequences; the mask is a dense boolean tensor so backward works on CPU;
+  (``doc_ids``) for packed sequences; the mask is a dense tensor so backward works on CPU;
 * incremental decoding: ``forward(tokens, positions=..., attn_mask=..., cache=KVCache, cache_pos=t)``
   writes the new keys/values into the cache at ``cache_pos`` and attends over ``[0, cache_pos+S)``.
+
+Inference helpers: ``hidden`` + ``logits`` split the forward so a caller computes logits only
+where it needs them; ``packed_weights`` runs decoding on input-major fused weight copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,12 +103,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     return freqs.float()
 
 
-def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers: x: [B, S, H, D]; freqs_cis:
-    complex [B or 1, S, 1, D/2]. One complex multiply is ~5x faster on CPU than the real-valued
-    form with separate cos/sin products."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles in ``rot``: x: [B, S, H, D]; rot:
+    (cos, sin) pairs [B or 1, S, 1, D/2, 2].
+
+    Eager: one complex multiply (~5x faster on CPU than separate cos/sin products). Under
+    ``torch.compile`` the real-valued form, which inductor fuses into one kernel (it cannot
+    generate code for complex tensors and would fall back to the eager complex kernel).
+    """
+    xf = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        x0, x1, cos, sin = xf[..., 0], xf[..., 1], rot[..., 0], rot[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.view_as_complex(rot)).flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -119,11 +132,11 @@ class RotaryEmbedding(nn.Module):
             self.freqs.copy_(rope_frequencies(self.args.head_size, self.args.rope_theta, self.args.rope_scaling))
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions: [B, S] or [S] integer tensor -> complex rotations [B|1, S, 1, D/2]."""
+        """positions: [B, S] or [S] integer tensor -> (cos, sin) pairs [B|1, S, 1, D/2, 2]."""
         if positions.dim() == 1:
             positions = positions[None]
         angles = positions.float()[..., None] * self.freqs
-        return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+        return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, :, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,22 +150,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).type_as(x)
+        """Normalised in float32 whatever the activation dtype."""
+        if x.dtype == self.weight.dtype == torch.float32:  # skips three no-op casts (decoding)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: [B, n_kv_heads, max_len, head_dim]."""
+    """Preallocated keys/values for one layer: [B, n_kv_heads, max_len, head_dim].
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    A slot that attention reads must hold finite values even where the mask hides it: its
+    weight is exactly 0, but 0 * NaN would still poison the output. Hence zeros by default;
+    ``zero=False`` leaves the memory uninitialised for callers that write (or zero) every slot
+    before it is read.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device, *, zero: bool = True):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        alloc = torch.zeros if zero else torch.empty
+        self.register_buffer("k", alloc(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", alloc(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = k.shape[2]
@@ -165,6 +186,30 @@ class KVCache(nn.Module):
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
+    def keep(self, rows: Sequence[int], used: int) -> None:
+        """Drop batch rows in place, keeping ``rows`` (ascending indices) in order.
+
+        Each kept row moves down to its new index in the same buffers, and only its ``used``
+        slots written so far move: no allocation, rows before the first dropped one stay put,
+        and the unwritten tail is not copied (as :meth:`select` would). Slots from ``used`` on
+        hold stale values and must be written before they are read, as decoding does. Ascending
+        order makes the moves safe: a row's destination never holds a row still to be moved.
+        """
+        for new, old in enumerate(rows):
+            if new != old:
+                self.k[new, :, :used] = self.k[old, :, :used]
+                self.v[new, :, :used] = self.v[old, :, :used]
+        self.k, self.v = self.k[: len(rows)], self.v[: len(rows)]
+
+    def window(self, rows: slice, start: int) -> "KVCache":
+        """A cache sharing this one's memory over batch ``rows`` and slots ``start:``: a forward
+        writing the window at slot p writes this cache at slot ``start + p`` (in-place prefill)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[rows, :, start:], persistent=False)
+        view.register_buffer("v", self.v[rows, :, start:], persistent=False)
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs):
@@ -174,24 +219,35 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, args.dim, bias=False)
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # see Transformer.packed_weights
 
-    def forward(self, x, freqs_cis, attn_mask, cache: KVCache | None, cache_pos: int):
+    def pack(self) -> None:
+        wqkv = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        self.packed = (wqkv.t().contiguous(), self.wo.weight.t().contiguous())
+
+    def forward(self, x, rot, attn_mask, cache: KVCache | None, cache_pos: int):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.hd)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv, self.hd)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv, self.hd)
-        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        packed = None if torch.is_grad_enabled() else self.packed
+        if packed is None:
+            q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.hd), rot)
+            k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv, self.hd), rot)
+            v = self.wv(x).view(bsz, seqlen, self.n_kv, self.hd)
+        else:  # q and k sit side by side in the fused output: rotate them in one go
+            qkv = (x @ packed[0]).view(bsz, seqlen, self.n_heads + 2 * self.n_kv, self.hd)
+            q, k = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], rot).split([self.n_heads, self.n_kv], dim=2)
+            v = qkv[:, :, self.n_heads + self.n_kv :]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(k, v, cache_pos)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA inside the kernel: no repeated copies of the keys/values (nor their gradients)
+        gqa = self.n_kv != self.n_heads
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
+        else:  # an additive float32 mask (see ``additive_mask``) follows low-precision queries
+            mask = attn_mask if attn_mask.dtype in (torch.bool, q.dtype) else attn_mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(out) if packed is None else out @ packed[1]
 
     def reset_parameters(self, in_std: float, out_std: float) -> None:
         for w in (self.wq, self.wk, self.wv):
@@ -205,9 +261,18 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # see Transformer.packed_weights
+
+    def pack(self) -> None:
+        w13 = torch.cat([self.w1.weight, self.w3.weight])
+        self.packed = (w13.t().contiguous(), self.w2.weight.t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        packed = None if torch.is_grad_enabled() else self.packed
+        if packed is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (x @ packed[0]).chunk(2, dim=-1)
+        return F.silu(gate, inplace=True).mul_(up) @ packed[1]  # no autograd here: reuse the buffer
 
     def reset_parameters(self, in_std: float, out_std: float) -> None:
         for w in (self.w1, self.w3):
@@ -224,8 +289,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, attn_mask=None, cache=None, cache_pos=0):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, attn_mask, cache, cache_pos)
+    def forward(self, x, rot, attn_mask=None, cache=None, cache_pos=0):
+        h = x + self.attention(self.attention_norm(x), rot, attn_mask, cache, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -235,6 +300,12 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & causal)[:, None]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean mask (True = attend) -> 0 / -inf bias. SDPA makes this same conversion for a
+    boolean mask in every layer; doing it once per forward saves ``n_layers - 1`` of them."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class Transformer(nn.Module):
@@ -249,6 +320,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.packed_output: torch.Tensor | None = None  # see packed_weights
 
     # ---------------------------------------------------------------------------------------
     def forward(
@@ -265,9 +337,39 @@ class Transformer(nn.Module):
         """tokens [B, S] -> logits [B, S, V] (or [B, 1, V] with ``last_only``).
 
         ``positions`` default to ``cache_pos + arange(S)``. ``doc_ids`` builds a per-document
-        causal mask; ``attn_mask`` (bool, [B|1, 1, S, T], True = attend) overrides it and is
-        required when decoding rows of different lengths from a cache.
+        causal mask; ``attn_mask`` ([B|1, 1, S, T]: bool, True = attend, or an additive float
+        mask) overrides it and is required when decoding rows of different lengths from a cache.
         """
+        h = self._trunk(tokens, positions, doc_ids, attn_mask, cache, cache_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits(self.norm(h))
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        cache_pos: int = 0,
+    ) -> torch.Tensor:
+        """What ``forward`` feeds the output projection: final-normed states [B, S, dim].
+
+        ``logits(hidden(...)[where])`` computes logits only where needed (scoring: the
+        continuation tokens). Inference on an unsharded model: unlike ``forward``, this method
+        runs no FSDP hooks.
+        """
+        return self.norm(self._trunk(tokens, positions, doc_ids, attn_mask, cache, cache_pos))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output projection of final-normed states [..., dim] -> [..., V]."""
+        if self.packed_output is not None and not torch.is_grad_enabled():
+            return h @ self.packed_output
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+
+    def _trunk(self, tokens, positions, doc_ids, attn_mask, cache, cache_pos) -> torch.Tensor:
         _, seqlen = tokens.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + seqlen, device=tokens.device)
@@ -276,19 +378,49 @@ class Transformer(nn.Module):
         if attn_mask is None and cache is not None and cache_pos > 0:
             causal = torch.ones(seqlen, cache_pos + seqlen, dtype=torch.bool, device=tokens.device)
             attn_mask = causal.tril(diagonal=cache_pos)[None, None]
-        freqs_cis = self.rope_embeddings(positions)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = additive_mask(attn_mask)
+        rot = self.rope_embeddings(positions)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, attn_mask, None if cache is None else cache[i], cache_pos)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+            h = layer(h, rot, attn_mask, None if cache is None else cache[i], cache_pos)
+        return h
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+    @contextlib.contextmanager
+    def packed_weights(self) -> Iterator[None]:
+        """Within this block, forwards without autograd multiply by input-major ([in, out])
+        copies of the weights, with q/k/v and gate/up each concatenated into one matrix.
+
+        Why: on CPU, MKL multiplies a few rows (decoding: one per sequence) by an input-major
+        matrix ~20% faster than by the transposed view ``nn.Linear`` passes, and the fused
+        matrices halve the calls. Results are the same products (equal up to float summation
+        order). The copies cost one more set of projection weights while the block runs and are
+        taken at entry, so weights must not change inside it. A no-op off CPU, for sharded
+        (DTensor) weights, and when already active; forwards that record gradients ignore it.
+        """
+        params = list(self.parameters())
+        if self.packed_output is not None or any(type(p) is not nn.Parameter or p.device.type != "cpu" for p in params):
+            yield
+            return
+        units = [m for layer in self.layers for m in (layer.attention, layer.feed_forward)]
+        with torch.no_grad():
+            for unit in units:
+                unit.pack()
+            weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
+            self.packed_output = weight.t().contiguous()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.packed = None
+            self.packed_output = None
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None, *, zero: bool = True) -> list[KVCache]:
+        """One :class:`KVCache` per layer (``zero=False``: uninitialised, see there)."""
         p = self.tok_embeddings.weight
+        dtype, device = dtype or p.dtype, device or p.device
         return [
-            KVCache(batch, max_len, self.args.kv_heads, self.args.head_size, dtype or p.dtype, device or p.device)
+            KVCache(batch, max_len, self.args.kv_heads, self.args.head_size, dtype, device, zero=zero)
             for _ in self.layers
         ]
 
