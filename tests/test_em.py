@@ -85,18 +85,18 @@ def test_rerun_skips_everything_and_resumes_after_a_crash(em_run, monkeypatch):
     # a crash in a late stage: earlier stages are not redone when the run is restarted
     import shutil
 
-    from apps.bolt import em_report
+    from apps.bolt import em_eval
 
     shutil.rmtree(root / "evals" / "raw_flops_match_t0")
-    real = em_report.evaluate_model
+    real = em_eval.evaluate_model
 
-    def boom(driver, name, ckpt, latent):
+    def boom(cfg):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(em_report, "evaluate_model", boom)
+    monkeypatch.setattr(em_eval, "evaluate_model", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         em.run(cfg)
-    monkeypatch.setattr(em_report, "evaluate_model", real)
+    monkeypatch.setattr(em_eval, "evaluate_model", real)
     em.run(cfg)
     assert _stages(root)[n:] == ["eval:raw_flops_match_t0"]
 

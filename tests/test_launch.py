@@ -41,3 +41,84 @@ def test_bad_launch_config():
         _args(mode="submit", module="m")
     with pytest.raises(ConfigError, match="module is required"):
         _args(mode="cat")
+
+
+# ---------------------------------------------------------------- submitting, waiting, re-attaching
+def _shard_module(tmp_path, monkeypatch):
+    """A stage module that writes out_<shard> and fails for shard 1 when asked to."""
+    mod = tmp_path / "jobmod.py"
+    mod.write_text(
+        "import sys, pathlib, time\n"
+        "args = dict(a.split('=', 1) for a in sys.argv[1:])\n"
+        "time.sleep(float(args.get('sleep', 0)))\n"
+        "if args.get('fail') == args.get('shard'):\n"
+        "    print('shard failing on purpose', file=sys.stderr); sys.exit(3)\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'out_' + args.get('shard', 'x')).write_text(args.get('cache', ''))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+def test_local_cluster_jobs_wait_and_report_failures_with_logs(tmp_path, monkeypatch, capsys):
+    from lingua.launch import attach_jobs, job_alive, submit_jobs, wait_jobs
+
+    _shard_module(tmp_path, monkeypatch)
+    a = _args(mode="launch", cluster="local", module="jobmod", shards=3, log_dir=tmp_path / "logs", job_name="arr",
+              shard_args='["cache=c-{shard:02d}.db"]')
+    cmds = commands(a, ["fail=1"], shard_ids=[0, 1, 2])
+    assert [c[-3:] for c in cmds][2] == ["shard=2", "num_shards=3", "cache=c-02.db"]
+    jobs = submit_jobs(a, cmds)
+    failures = wait_jobs(jobs, poll_s=0.1)
+    assert (tmp_path / "out_0").read_text() == "c-00.db" and (tmp_path / "out_2").exists()
+    assert not (tmp_path / "out_1").exists()
+    assert [f.job_id for f in failures] == [jobs[1].job_id]
+    f = failures[0]
+    assert "exited with status 3" in f.error and f.stderr.startswith(str(tmp_path / "logs" / "arr"))
+    assert "shard failing on purpose" in open(f.stderr).read()  # the job's own output is in its log
+    # handles made from the ids alone (another process, e.g. a restarted driver) see them finished
+    again = attach_jobs("local", tmp_path / "logs" / "arr", [j.job_id for j in jobs])
+    assert [job_alive(j) for j in again] == [False, False, False]
+    assert again[0].result() == 0
+
+    # the CLI: wait=true exits 1 and names the failed job's logs; only the listed shard reruns
+    assert run(_args(mode="launch", cluster="local", module="jobmod", log_dir=tmp_path / "logs", job_name="one",
+                     wait=True, poll_s=0.1), ["shard=7", "fail=7"]) == 1
+    err = capsys.readouterr().err
+    assert "1 job(s) failed" in err and str(tmp_path / "logs" / "one") in err
+
+
+def test_a_live_job_is_seen_alive_from_its_id_alone(tmp_path, monkeypatch):
+    from lingua.launch import attach_jobs, job_alive, submit_jobs, wait_jobs
+
+    _shard_module(tmp_path, monkeypatch)
+    a = _args(mode="launch", cluster="local", module="jobmod", log_dir=tmp_path / "logs", job_name="slow")
+    (job,) = submit_jobs(a, commands(a, ["shard=5", "sleep=3"]))
+    (attached,) = attach_jobs("local", tmp_path / "logs" / "slow", [job.job_id])
+    assert attached is not job and job_alive(attached)
+    assert wait_jobs([attached], poll_s=0.1) == []
+    assert not job_alive(attached) and (tmp_path / "out_5").exists()
+
+
+def test_multi_node_torchrun_rendezvous_on_the_first_node():
+    from lingua.launch import JobCommand
+
+    cmd = commands(_args(module="apps.bolt.train", nproc=8, nodes=2, rdzv_port=29600), ["config=c.yaml"])[0]
+    assert cmd[:5] == ["torchrun", "--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d",
+                       "--rdzv_endpoint={master_addr}:29600"]
+    assert JobCommand(cmd, ".").resolved("gpu-node-17")[4] == "--rdzv_endpoint=gpu-node-17:29600"
+    with pytest.raises(ValueError, match="outside"):
+        commands(_args(module="m", shards=2), [], shard_ids=[2])
+
+
+def test_submissions_from_inside_a_job_hide_its_slurm_variables(monkeypatch):
+    import os
+
+    from lingua.launch import _submission_env
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/x.conf")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("SBATCH_ACCOUNT", "mine")  # the user's own sbatch defaults stay
+    with _submission_env():
+        assert "SLURM_CPUS_PER_TASK" not in os.environ and "RANK" not in os.environ
+        assert os.environ["SLURM_CONF"] == "/etc/slurm/x.conf" and os.environ["SBATCH_ACCOUNT"] == "mine"
+    assert os.environ["SLURM_CPUS_PER_TASK"] == "4" and os.environ["RANK"] == "3"

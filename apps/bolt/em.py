@@ -2,9 +2,9 @@
 
     python -m apps.bolt.em config=apps/bolt/configs/em_synthetic.yaml [key=value ...]
 
-Stages (each one a call into its module's ``run(cfg)``, each with its own folder and marker, so a
-rerun skips what is complete and a crash resumes at the failed stage; training resumes from its
-last checkpoint):
+Stages (each one its module's ``run(cfg)``, in this process or as jobs, each with its own folder
+and marker, so a rerun skips what is complete and a crash resumes at the failed stage; training
+resumes from its last checkpoint):
 
 1. ``prepare``: raw corpora (validation, warmstart, bootstrap, eval tasks) into ``DUMP/data``;
 2. ``tokenizer``: the synthetic world's small tokenizer (or the one named in the train config);
@@ -19,7 +19,14 @@ last checkpoint):
    data, measured), ``raw_flops_match`` the same number of packed tokens, i.e. the same FLOPs;
 7. ``ablations``: an extra E-step + M-step at iteration 1 for each K in ``k_ablation``;
 8. evaluation of every model (task accuracy, validation NLL per raw token, ELBO for latent
-   models) and the results table (``results.json``, ``results.md``) and plot (``accuracy.png``).
+   models; :mod:`apps.bolt.em_eval`) and the results table (``results.json``, ``results.md``)
+   and plot (``accuracy.png``).
+
+``executor: local`` (the default) runs every stage in this process. ``executor: slurm`` submits
+the heavy ones (training, E-step shards, evaluation, optionally the teacher) as slurm jobs with
+the resources of the ``slurm`` section, waits for them, and reads their outputs from disk; a
+rerun re-attaches to jobs still running instead of submitting them again (:mod:`apps.bolt.em_exec`,
+docs/cluster.md). Prepare, the E-step merge, budgets and the report always run here.
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from apps.bolt.em_exec import EXECUTORS, SlurmArgs, build_stages, final_consolidated
 from lingua.args import ConfigError, dump_config, load_config, parse_args
-from lingua.io import atomic_write_json, is_done, mark_done
+from lingua.io import atomic_write_json, is_done
 
 logger = logging.getLogger("apps.bolt.em")
 
@@ -76,7 +85,14 @@ class EMArgs:
     """Held-out raw documents for validation NLL."""
     eval_elbo_docs: int = 20
     """Held-out documents for the ELBO of latent models (0: skip)."""
+    eval_data_root: Optional[str] = None
+    """``data_root`` of the task evaluation; None: this run's data folder (the synthetic world's
+    tasks are prepared there); "": the Hugging Face Hub; a folder: local copies of hub datasets."""
     device: str = "cpu"
+    """Device of the models in the stages (in the jobs, with ``executor: slurm``)."""
+    executor: str = "local"
+    """``local``: every stage in this process; ``slurm``: heavy stages as jobs (see ``slurm``)."""
+    slurm: SlurmArgs = field(default_factory=SlurmArgs)
     prepare: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/prepare_synthetic.yaml"))
     teacher: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/gen_oracle_warmstart.yaml"))
     train: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/train_em_synthetic.yaml"))
@@ -93,18 +109,23 @@ class EMArgs:
             raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
         if self.warmstart_tokens <= 0 or self.mstep_tokens <= 0:
             raise ValueError("warmstart_tokens and mstep_tokens must be positive")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
 
 
 class EMDriver:
     """Runs the stages in order; every stage is a method that skips itself when complete."""
 
-    def __init__(self, cfg: EMArgs):
+    def __init__(self, cfg: EMArgs, jobs: Any = None):
+        """``jobs``: the slurm executor's job backend (default :mod:`lingua.launch`; tests fake it)."""
         self.cfg = cfg
         self.root = Path(cfg.dump_dir)
         self.data = self.root / "data"
         self.runs = self.root / "runs"
         self.ledger = self.root / "stages.jsonl"
         self.tokenizer_overrides: list[str] = []
+        self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs)
+        self._ledger_lock = threading.Lock()
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _stage(self, name: str, done: Callable[[], bool], work: Callable[[], Any]) -> Any:
@@ -115,7 +136,7 @@ class EMDriver:
         t0 = time.perf_counter()
         result = work()
         seconds = round(time.perf_counter() - t0, 2)
-        with open(self.ledger, "a") as f:
+        with self._ledger_lock, open(self.ledger, "a") as f:
             f.write(json.dumps({"stage": name, "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         logger.info("[em] %s: done in %.1fs", name, seconds)
         return result
@@ -149,6 +170,13 @@ class EMDriver:
             f"tokenizer.special_tokens={json.dumps(list(targs.special_tokens))}",
         ]
 
+    def tokenizer_args(self):
+        """The tokenizer every model of the run uses (the train config's, or the synthetic one)."""
+        from apps.bolt.train import BoltTrainArgs
+
+        overrides = [*self.cfg.train.overrides, *self.tokenizer_overrides, "dump_dir=unused"]  # required, not used
+        return load_config(BoltTrainArgs, self.cfg.train.config, overrides).tokenizer
+
     def teacher(self) -> None:
         from apps.bolt import gen_latents
 
@@ -157,11 +185,11 @@ class EMDriver:
             gen_latents.GenLatentsArgs, self.cfg.teacher.config,
             [*self.cfg.teacher.overrides, f"src={self.data / 'warmstart'}", f"out={out}", "progress=false"],
         )
-        self._stage("teacher", lambda: is_done(out), lambda: gen_latents.run(tcfg))
+        self._stage("teacher", lambda: is_done(out), lambda: self.stages.teacher(tcfg))
 
-    def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "") -> Path:
-        """Train one model; returns its consolidated folder."""
-        from apps.bolt import train as train_stage
+    def train_config(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = ""):
+        """The resolved config of one training run (warmstart, M-step or baseline)."""
+        from apps.bolt.train import BoltTrainArgs
 
         run_dir = self.runs / name
         overrides = [
@@ -178,16 +206,19 @@ class EMDriver:
             f"model.seed={seed}",
             f"checkpoint.init_ckpt_path={init}",
         ]
-        tcfg = load_config(train_stage.BoltTrainArgs, self.cfg.train.config, overrides)
+        return load_config(BoltTrainArgs, self.cfg.train.config, overrides)
+
+    def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "") -> Path:
+        """Train one model; returns its consolidated folder."""
+        tcfg = self.train_config(name, source, layout, tokens, seed, init)
+        run_dir = Path(tcfg.dump_dir)
         final = run_dir / "final_consolidated.json"
         inputs = {"data": _stamp(self.data / source), "init": _stamp(Path(init)) if init else None}
 
         def work() -> None:
-            summary = train_stage.run(tcfg)
-            if not summary.get("consolidated"):
-                raise RuntimeError(f"training run {run_dir} finished without a consolidated checkpoint")
-            atomic_write_json(final, {"consolidated": summary["consolidated"], "inputs": inputs,
-                                      "summary": _jsonable(summary)})
+            self.stages.train(name, tcfg, "warmstart" if name.startswith("warmstart") else "train")
+            folder, status = final_consolidated(run_dir)  # from disk, whichever executor ran it
+            atomic_write_json(final, {"consolidated": str(folder), "inputs": inputs, "summary": status})
 
         def done() -> bool:
             if not final.is_file():
@@ -213,31 +244,85 @@ class EMDriver:
         return load_config(EStepArgs, self.cfg.estep.config, overrides)
 
     def estep_run(self, name: str, ckpt: Path, extra: list[str] = ()) -> Path:
-        from apps.bolt import estep
-
         ecfg = self.estep_config(name, ckpt, extra)
-        self._stage(f"estep:{name}", lambda: is_done(ecfg.out), lambda: estep.run(ecfg))
+        self._stage(f"estep:{name}", lambda: is_done(ecfg.out), lambda: self.stages.estep(name, ecfg))
         return Path(ecfg.out)
 
+    def eval_config(self, name: str, ckpt: Path | str, latent: bool):
+        """The resolved config of one model's evaluation (:mod:`apps.bolt.em_eval`)."""
+        from apps.bolt.em_eval import ModelEvalArgs
+        from apps.bolt.eval import EvalArgs
+
+        c = self.cfg
+        data_root = str(self.data) if c.eval_data_root is None else c.eval_data_root
+        tasks = load_config(EvalArgs, c.eval.config, [
+            *c.eval.overrides, f"ckpt={ckpt}", f"data_root={data_root}", f"variant={'latent' if latent else 'raw'}",
+            f"device={c.device}",
+        ])
+        cfg = ModelEvalArgs(
+            name=name, ckpt=str(ckpt), latent=latent, out=str(self.root / "evals" / name), tasks=tasks,
+            val_dir=str(self.data / "validation"), val_docs=c.eval_val_docs, elbo_docs=c.eval_elbo_docs,
+            max_latent_tokens=self.estep_config("eval", ckpt).posterior.max_latent_tokens, device=c.device,
+        )
+        cfg.validate()
+        return cfg
+
     def evaluate(self, name: str, ckpt: Path, latent: bool) -> dict:
-        from apps.bolt.em_report import evaluate_model
+        from apps.bolt.em_eval import RESULT
 
-        out = self.root / "evals" / name
-        result_file = out / "result.json"
-
-        def work() -> None:
-            res = evaluate_model(self, name, ckpt, latent)
-            atomic_write_json(result_file, res)
-            mark_done(out)
-
-        self._stage(f"eval:{name}", lambda: is_done(out), work)
-        return json.loads(result_file.read_text())
+        ecfg = self.eval_config(name, ckpt, latent)
+        self._stage(f"eval:{name}", lambda: is_done(ecfg.out), lambda: self.stages.evaluate(name, ecfg))
+        return json.loads((Path(ecfg.out) / RESULT).read_text())
 
     # -- the loop -----------------------------------------------------------------------------
     def init_for(self, trial: int, previous: Path | None) -> str:
         if self.cfg.mstep_init == "previous" and previous is not None:
             return str(previous)
         return self.cfg.base_ckpt
+
+    def trials(self, group: str, iteration: int | None, k: int | None, name: str, source: str, layout: str,
+               tokens: int, init: Callable[[int], str]) -> tuple[list[Path], list[dict]]:
+        """Train and evaluate one model per trial (seed); returns their folders and result rows.
+        With the slurm executor the trials run concurrently, each trial's jobs one after another."""
+        latent = layout != "raw"
+
+        def one(t: int) -> tuple[Path, dict]:
+            run_name = f"{name}_t{t}"
+            ck = self.train_run(run_name, source, layout, tokens, t, init(t))
+            res = self.evaluate(run_name, ck, latent)
+            return ck, {"group": group, "iteration": iteration, "k": k, "trial": t, "run": run_name, **res}
+
+        done = self.concurrently([lambda t=t: one(t) for t in range(self.cfg.trials)])
+        return [ck for ck, _ in done], [row for _, row in done]
+
+    def concurrently(self, works: list[Callable[[], Any]]) -> list[Any]:
+        """Results of ``works`` in order: one after another in process (the local executor), or
+        in daemon threads that mostly wait on their jobs (the slurm executor; a killed driver
+        leaves the jobs running, and its rerun re-attaches). The first failure is raised once
+        every work has ended, so the others' finished stages are recorded."""
+        if self.cfg.executor == "local" or len(works) < 2:
+            return [w() for w in works]
+        results: list[Any] = [None] * len(works)
+        errors: list[BaseException | None] = [None] * len(works)
+
+        def target(i: int) -> None:
+            try:
+                results[i] = works[i]()
+            except BaseException as e:  # noqa: BLE001 - re-raised below in the driver's thread
+                errors[i] = e
+
+        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(len(works))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            while th.is_alive():
+                th.join(1.0)
+        failed = [e for e in errors if e is not None]
+        for e in failed[1:]:
+            logger.error("[em] also failed: %s", e)
+        if failed:
+            raise failed[0]
+        return results
 
     def run(self) -> dict:
         from apps.bolt.em_report import raw_fraction, write_report
@@ -248,45 +333,30 @@ class EMDriver:
         self.prepare()
         self.tokenizer()
         self.teacher()
-        models: dict[str, list[Path]] = {}
-        rows: list[dict] = []
-
-        def record(group: str, iteration: int | None, k: int | None, name: str, ckpt: Path, latent: bool, seed: int):
-            res = self.evaluate(name, ckpt, latent)
-            rows.append({"group": group, "iteration": iteration, "k": k, "trial": seed, "run": name, **res})
-
-        models["warmstart"] = []
-        for t in range(c.trials):
-            ck = self.train_run(f"warmstart_t{t}", "warmstart_latents", "random", c.warmstart_tokens, t, c.base_ckpt)
-            models["warmstart"].append(ck)
-            record("warmstart", 0, None, f"warmstart_t{t}", ck, True, t)
-        previous = models["warmstart"]
+        warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random", c.warmstart_tokens,
+                                 lambda t: c.base_ckpt)
+        previous = warm
         k_main = self.estep_config("main", "unused").posterior.num_samples
         for it in range(1, c.iterations + 1):
             latents = self.estep_run(f"iter{it}", previous[0])
-            models[f"iter{it}"] = []
-            for t in range(c.trials):
-                name = f"iter{it}_t{t}"
-                ck = self.train_run(name, latents.name, "random", c.mstep_tokens, t, self.init_for(t, previous[t]))
-                models[f"iter{it}"].append(ck)
-                record("bootstrap", it, k_main, name, ck, True, t)
-            previous = models[f"iter{it}"]
+            before = previous
+            previous, new = self.trials("bootstrap", it, k_main, f"iter{it}", latents.name, "random", c.mstep_tokens,
+                                        lambda t: self.init_for(t, before[t]))
+            rows += new
         for k in c.k_ablation:
-            latents = self.estep_run(f"iter1_k{k}", models["warmstart"][0], [f"posterior.num_samples={k}",
+            latents = self.estep_run(f"iter1_k{k}", warm[0], [f"posterior.num_samples={k}",
                                      f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
-            for t in range(c.trials):
-                name = f"iter1_k{k}_t{t}"
-                ck = self.train_run(name, latents.name, "random", c.mstep_tokens, t, c.base_ckpt)
-                record(f"ablation_k{k}", 1, k, name, ck, True, t)
+            rows += self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random", c.mstep_tokens,
+                                lambda t: c.base_ckpt)[1]
         if c.baselines:
             share = raw_fraction(self, self.data / ("iter1_latents" if c.iterations else "warmstart_latents"))
             budgets = {"raw_token_match": int(c.mstep_tokens * share["raw_fraction"]), "raw_flops_match": c.mstep_tokens}
             atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
-            for b in c.baselines:
-                for t in range(c.trials):
-                    name = f"{b}_t{t}"
-                    ck = self.train_run(name, "bootstrap", "raw", budgets[b], t, c.base_ckpt)
-                    record(b, None, None, name, ck, False, t)
+            per_baseline = self.concurrently([
+                lambda b=b: self.trials(b, None, None, b, "bootstrap", "raw", budgets[b], lambda t: c.base_ckpt)[1]
+                for b in c.baselines
+            ])
+            rows += [row for group in per_baseline for row in group]
         return write_report(self, rows)
 
 
@@ -302,12 +372,8 @@ def _stamp(folder: Path) -> str | None:
     return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def run(cfg: EMArgs) -> dict:
-    return EMDriver(cfg).run()
+def run(cfg: EMArgs, jobs: Any = None) -> dict:
+    return EMDriver(cfg, jobs).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,5 @@
-"""Evaluation of EM models, baseline budgets, and the results table and plot of an EM run.
-
-Per model: accuracy on the world's few-shot task (the latent variant for latent-trained models:
-they write their own thought before answering; the raw variant for raw baselines), validation
-NLL per raw token and per character on held-out raw documents (positive; lower is better), and
-for latent models the n-sample ELBO per raw token (log-likelihood scale; higher is better).
-"""
+"""Baseline budgets and the results table and plot of an EM run (the per-model metrics come
+from :mod:`apps.bolt.em_eval`: accuracy, validation NLL per raw token, ELBO per raw token)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lingua.args import load_config
+from apps.bolt.em_eval import ACCURACY, NLL
 from lingua.io import atomic_write_json, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,47 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("apps.bolt.em")
 
-ACCURACY = "accuracy"
-NLL = "val_nll_per_token"
 ELBO = "elbo_4_per_token"
-
-
-def _accuracy(summary: dict) -> float:
-    """The task's exact-match value (first filter) from an eval summary."""
-    for key, value in sorted(summary["summary"].items()):
-        if "/exact_match/" in key:
-            return float(value["mean"])
-    raise KeyError(f"no exact_match metric in eval summary keys {sorted(summary['summary'])}")
-
-
-def evaluate_model(driver: "EMDriver", name: str, ckpt: Path, latent: bool) -> dict[str, Any]:
-    from apps.bolt import eval as eval_stage
-    from apps.bolt.estep import compute_elbo
-    from apps.bolt.evaluation.in_training import ValidationNLL, load_documents
-    from lingua.consolidated import load_consolidated
-    from lingua.generation import Engine
-
-    c = driver.cfg
-    ecfg = load_config(
-        eval_stage.EvalArgs, c.eval.config,
-        [*c.eval.overrides, f"ckpt={ckpt}", f"data_root={driver.data}", f"variant={'latent' if latent else 'raw'}",
-         f"device={c.device}"],
-    )
-    model, tok = load_consolidated(ckpt, device=c.device)
-    engine = Engine(model, tok, max_batch_tokens=ecfg.max_batch_tokens)
-    summary = eval_stage.run(ecfg, backend=engine)
-    out: dict[str, Any] = {"ckpt": str(ckpt), "variant": summary.get("variant"), ACCURACY: _accuracy(summary)}
-    docs = load_documents(driver.data / "validation", c.eval_val_docs)
-    nll = ValidationNLL(docs, tok, source="validation").compute(engine)
-    out[NLL] = nll["val/validation/nll_per_token"]
-    out["val_nll_per_char"] = nll["val/validation/nll_per_char"]
-    if latent and c.eval_elbo_docs:
-        est = driver.estep_config("eval", ckpt)
-        elbo = compute_elbo(engine, docs[: c.eval_elbo_docs], num_samples=[1, 2, 4], seed=0,
-                            max_latent_tokens=est.posterior.max_latent_tokens)
-        out.update({k: v for k, v in elbo.items() if k.endswith("per_token")})
-    logger.info("[em] eval %s: %s", name, {k: v for k, v in out.items() if k != "ckpt"})
-    return out
 
 
 def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int = 2000) -> dict[str, float]:
@@ -71,10 +26,9 @@ def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int = 2000) ->
     counted as in packing), measured on the latent dataset with a fixed seed. The paper's
     latent/raw token ratio is about 3.3 (a raw share of about 0.3)."""
     from apps.bolt.formats import make_layout, raw_text
-    from lingua.tokenizer import TokenizerArgs, build_tokenizer
+    from lingua.tokenizer import build_tokenizer
 
-    targs = load_config(TokenizerArgs, None, [o.removeprefix("tokenizer.") for o in driver.tokenizer_overrides])
-    tok = build_tokenizer(targs)
+    tok = build_tokenizer(driver.tokenizer_args())
     layout = make_layout("random")
     rng = np.random.default_rng(0)
     raw = packed = 0

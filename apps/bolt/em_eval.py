@@ -1,0 +1,130 @@
+"""Evaluation of one EM model, as its own entry point (so the EM driver can run it in process or
+submit it as a one-GPU job):
+
+    python -m apps.bolt.em_eval config=DUMP/configs/eval_<name>.yaml
+
+The config is written by the driver, fully resolved (:meth:`apps.bolt.em.EMDriver.eval_config`).
+Per model: accuracy on the few-shot tasks (the latent variant for latent-trained models: they
+write their own thought before answering; the raw variant for raw baselines), validation NLL per
+raw token and per character on held-out raw documents (positive; lower is better), and for
+latent models the n-sample ELBO per raw token (log-likelihood scale; higher is better).
+Writes ``OUT/result.json`` and then the ``OUT/COMPLETE`` marker; a complete folder is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apps.bolt.eval import EvalArgs
+from lingua.args import ConfigError, dump_config, parse_args
+from lingua.io import atomic_write_json, is_done, mark_done
+
+logger = logging.getLogger("apps.bolt.em")
+
+ACCURACY = "accuracy"
+NLL = "val_nll_per_token"
+RESULT = "result.json"
+
+
+@dataclass
+class ModelEvalArgs:
+    name: str = ""
+    """The model's name in the EM run (e.g. ``iter1_t0``)."""
+    ckpt: str = ""
+    """Consolidated model folder."""
+    latent: bool = True
+    """Trained on latent data: latent task variant and the ELBO; else the raw variant."""
+    out: str = ""
+    """Result folder: ``result.json`` + ``COMPLETE``."""
+    tasks: EvalArgs = field(default_factory=EvalArgs)
+    """The few-shot task evaluation (``apps.bolt.eval``), resolved: ckpt, variant, data root."""
+    val_dir: str = ""
+    """Held-out raw documents (a prepared dataset folder) for NLL and ELBO."""
+    val_docs: int = 100
+    elbo_docs: int = 20
+    """Held-out documents for the ELBO of latent models (0: skip)."""
+    elbo_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
+    max_latent_tokens: int = 1024
+    """Latent length limit of the ELBO's posterior samples (the E-step's)."""
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for key in ("ckpt", "out", "val_dir"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}=... is required")
+        if self.val_docs < 1 or self.elbo_docs < 0:
+            raise ValueError("val_docs >= 1 and elbo_docs >= 0 are required")
+
+
+def task_accuracy(summary: dict, tasks: list[str]) -> dict[str, float]:
+    """Exact match per requested task or group (its first filter in sorted order, e.g.
+    ``flexible-extract``), from an ``apps.bolt.eval`` summary whose keys are
+    ``<task as lm-eval names it>/<metric>/<filter>`` (``latent_`` variants included)."""
+    from apps.bolt.evaluation.tasks import base_name
+
+    out: dict[str, float] = {}
+    for key, value in sorted(summary["summary"].items()):
+        task = base_name(key.split("/", 1)[0])
+        if "/exact_match/" in key and task in tasks and task not in out:
+            out[task] = float(value["mean"])
+    missing = [t for t in tasks if t not in out]
+    if missing:
+        raise KeyError(f"no exact_match metric for tasks {missing} in eval summary keys {sorted(summary['summary'])}")
+    return out
+
+
+def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
+    """Compute one model's metrics (see the module docstring)."""
+    from apps.bolt import eval as eval_stage
+    from apps.bolt.estep import compute_elbo
+    from apps.bolt.evaluation.in_training import ValidationNLL, load_documents
+    from lingua.consolidated import load_consolidated
+    from lingua.generation import Engine
+
+    model, tok = load_consolidated(cfg.ckpt, device=cfg.device)
+    engine = Engine(model, tok, max_batch_tokens=cfg.tasks.max_batch_tokens)
+    summary = eval_stage.run(cfg.tasks, backend=engine)
+    by_task = task_accuracy(summary, cfg.tasks.task_list())
+    out: dict[str, Any] = {
+        "ckpt": cfg.ckpt, "variant": summary.get("variant"),
+        ACCURACY: sum(by_task.values()) / len(by_task), "accuracy_by_task": by_task,
+    }
+    docs = load_documents(Path(cfg.val_dir), cfg.val_docs)
+    nll = ValidationNLL(docs, tok, source="validation").compute(engine)
+    out[NLL] = nll["val/validation/nll_per_token"]
+    out["val_nll_per_char"] = nll["val/validation/nll_per_char"]
+    if cfg.latent and cfg.elbo_docs:
+        elbo = compute_elbo(engine, docs[: cfg.elbo_docs], num_samples=cfg.elbo_samples, seed=0,
+                            max_latent_tokens=cfg.max_latent_tokens)
+        out.update({k: v for k, v in elbo.items() if k.endswith("per_token")})
+    logger.info("[em] eval %s: %s", cfg.name, {k: v for k, v in out.items() if k != "ckpt"})
+    return out
+
+
+def run(cfg: ModelEvalArgs) -> dict[str, Any]:
+    """Evaluate unless ``cfg.out`` is complete; returns the result."""
+    out = Path(cfg.out)
+    if not is_done(out):
+        dump_config(cfg, out / "config.yaml")
+        atomic_write_json(out / RESULT, evaluate_model(cfg))
+        mark_done(out)
+    return json.loads((out / RESULT).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        cfg = parse_args(ModelEvalArgs, argv)
+    except ConfigError as e:
+        raise SystemExit(f"apps.bolt.em_eval: {e}") from None
+    print(dump_config(cfg))
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()
