@@ -31,10 +31,14 @@ def init_logger(log_file: str | os.PathLike | None, rank: int = 0, level: str = 
         h.close()
     root.setLevel(level)
     fmt = _RankFormatter(rank)
-    console = logging.StreamHandler(sys.stdout)
-    console.setLevel(level if rank == 0 else "WARNING")
-    console.setFormatter(fmt)
-    handlers: list[logging.Handler] = [console]
+    handlers: list[logging.Handler] = []
+    # A caller that already logs to the console (e.g. the EM driver composing stages) keeps its
+    # handler; adding ours would print every line twice.
+    if not any(getattr(h, "stream", None) in (sys.stdout, sys.stderr) for h in root.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(level if rank == 0 else "WARNING")
+        console.setFormatter(fmt)
+        handlers.append(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
