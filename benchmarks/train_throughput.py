@@ -42,8 +42,8 @@ CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 def hf_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The trainer's loss (``masked_loss_sum``) for an HF model."""
     logits = model(input_ids=batch["input"]).logits
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="none")
-    return (ce * batch["loss_mask"].flatten()).sum()
+    target = batch["target"].masked_fill(~batch["loss_mask"], -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
 
 
 def make_step(model: torch.nn.Module, loss_fn: Callable, batch: dict) -> Callable[[], float]:

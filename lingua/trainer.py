@@ -147,11 +147,16 @@ def _process_seed(seed: int, rank: int) -> None:
 
 
 def masked_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """Sum of the cross-entropy over the positions where ``loss_mask`` is True."""
+    """Sum of the cross-entropy over the positions where ``loss_mask`` is True.
+
+    Masked-out targets become ``ignore_index``: those rows are skipped inside the loss kernel
+    (no per-token loss tensor, no multiply by the mask, and a masked target never needs to be
+    a valid id).
+    """
     doc_ids = batch.get("doc_ids")
     logits = model(batch["input"].to(device), doc_ids=None if doc_ids is None else doc_ids.to(device))
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].to(device).flatten(), reduction="none")
-    return (ce * batch["loss_mask"].to(device).flatten()).sum()
+    target = batch["target"].to(device).masked_fill(~batch["loss_mask"].to(device, torch.bool), -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
 
 
 class _Run:

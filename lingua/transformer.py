@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lingua.kv_cache import KVCache
 
 
 @dataclass
@@ -143,6 +145,33 @@ class RotaryEmbedding(nn.Module):
 # layers
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward for eager CPU training.
+
+    On CPU ``F.rms_norm`` is a composite of ~6 element-wise ops and autograd differentiates each
+    one, so its backward passes over the [B, S, dim] activations about a dozen times; this one
+    saves only the input and the per-row scale and takes ~4 passes (fwd+bwd ~2x faster, ~6% of
+    an eager training step). Under ``torch.compile`` inductor fuses ``F.rms_norm`` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.linalg.vecdot(x, x).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        grad_weight = (grad * xhat).flatten(0, -2).sum(0)
+        grad_xhat = grad * weight
+        # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat)), with g = grad * weight
+        mean = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(-1).div_(x.shape[-1])
+        return grad_xhat.sub_(xhat.mul_(mean)).mul_(rstd), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -151,64 +180,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised in float32 whatever the activation dtype."""
-        if x.dtype == self.weight.dtype == torch.float32:  # skips three no-op casts (decoding)
+        if x.dtype == self.weight.dtype == torch.float32:  # skips three no-op casts
+            if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return _RMSNormFn.apply(x, self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: [B, n_kv_heads, max_len, head_dim].
-
-    A slot that attention reads must hold finite values even where the mask hides it: its
-    weight is exactly 0, but 0 * NaN would still poison the output. Hence zeros by default;
-    ``zero=False`` leaves the memory uninitialised for callers that write (or zero) every slot
-    before it is read.
-    """
-
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device, *, zero: bool = True):
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        alloc = torch.zeros if zero else torch.empty
-        self.register_buffer("k", alloc(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", alloc(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = k.shape[2]
-        self.k[:, :, pos : pos + s] = k
-        self.v[:, :, pos : pos + s] = v
-        return self.k[:, :, : pos + s], self.v[:, :, : pos + s]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) batch rows, e.g. to fan a shared prompt out to n samples."""
-        self.k = self.k.index_select(0, rows)
-        self.v = self.v.index_select(0, rows)
-
-    def keep(self, rows: Sequence[int], used: int) -> None:
-        """Drop batch rows in place, keeping ``rows`` (ascending indices) in order.
-
-        Each kept row moves down to its new index in the same buffers, and only its ``used``
-        slots written so far move: no allocation, rows before the first dropped one stay put,
-        and the unwritten tail is not copied (as :meth:`select` would). Slots from ``used`` on
-        hold stale values and must be written before they are read, as decoding does. Ascending
-        order makes the moves safe: a row's destination never holds a row still to be moved.
-        """
-        for new, old in enumerate(rows):
-            if new != old:
-                self.k[new, :, :used] = self.k[old, :, :used]
-                self.v[new, :, :used] = self.v[old, :, :used]
-        self.k, self.v = self.k[: len(rows)], self.v[: len(rows)]
-
-    def window(self, rows: slice, start: int) -> "KVCache":
-        """A cache sharing this one's memory over batch ``rows`` and slots ``start:``: a forward
-        writing the window at slot p writes this cache at slot ``start + p`` (in-place prefill)."""
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.register_buffer("k", self.k[rows, :, start:], persistent=False)
-        view.register_buffer("v", self.v[rows, :, start:], persistent=False)
-        return view
 
 
 class Attention(nn.Module):
