@@ -218,8 +218,12 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(k, v, cache_pos)
-        # GQA inside the kernel: no repeated copies of the keys/values (nor their gradients)
+        # GQA inside the kernel: no repeated copies of the keys/values (nor their gradients). On
+        # GPUs the kernel that takes a mask has no GQA mode: repeat there, as before.
         gqa = self.n_kv != self.n_heads
+        if gqa and attn_mask is not None and q.device.type != "cpu":
+            rep = self.n_heads // self.n_kv
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:  # an additive float32 mask (see ``additive_mask``) follows low-precision queries
