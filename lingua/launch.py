@@ -12,8 +12,8 @@ runs them one after another, or ``parallel`` at a time; slurm mode submits a job
 
 Submitted jobs are plain submitit jobs, so a program can also wait for them and re-attach to
 them later from their ids: :func:`submit_jobs`, :func:`attach_jobs`, :func:`job_alive`,
-:func:`wait_jobs` (the EM driver does this). ``cluster=local`` (or ``debug``) runs the same
-submissions through submitit's local executors: a stand-in for slurm on a machine without it.
+:func:`wait_jobs` (the EM driver does this). ``cluster=local`` runs the same submissions as local
+processes through submitit's local executor: a stand-in for slurm on a machine without it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from lingua.args import ConfigError, load_config
 
 MODES = ("cat", "run", "launch")
-CLUSTERS = ("slurm", "local", "debug")
+CLUSTERS = ("slurm", "local")
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED")
 """Slurm states of a job that has not finished for good (a re-attached job in one is waited for)."""
 MASTER_ADDR = "{master_addr}"
@@ -54,7 +54,7 @@ class LaunchArgs:
     log_dir: str = "runs/launch_logs"
     # slurm resources (launch mode)
     cluster: str = "slurm"
-    """submitit executor: ``slurm``, or ``local`` / ``debug`` to stand in for it on one machine."""
+    """submitit executor: ``slurm``, or ``local`` (jobs as local processes) to stand in for it."""
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -65,7 +65,7 @@ class LaunchArgs:
     max_array_parallel: int = 256
     extra_slurm: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
-    """Shell lines run in the job before the command (``module load ...``, ``source .venv/bin/activate``)."""
+    """Slurm: shell lines run in the job before the command (``module load ...``, ``source .venv/bin/activate``)."""
     rdzv_port: int = 29500
     """Multi-node torchrun: rendezvous port on the job's first node."""
     wait: bool = False
@@ -242,7 +242,7 @@ def job_alive(job: Any) -> bool:
         if getattr(job, "_process", None) is not None:
             return job._process.poll() is None
         return _pid_running(int(job.job_id))
-    state = job.watcher.get_state(job.job_id, mode="force")
+    state = job.watcher.get_state(job.job_id, mode="standard")  # one sacct call for all new handles
     return state.split()[0].upper() in LIVE_STATES if state else False
 
 

@@ -28,6 +28,8 @@ SLURM = [
     *[f"slurm.train.{k}={v}" for k, v in dict(gpus_per_node=4, cpus_per_task=6, mem_gb=9, time_min=11).items()],
     *[f"slurm.estep.{k}={v}" for k, v in dict(shards=2, gpus_per_shard=1, mem_gb=13, time_min=17).items()],
     "slurm.eval.time_min=19",
+    "slurm.teacher.where=job",
+    "slurm.teacher.shards=2",
 ]
 
 
@@ -111,7 +113,7 @@ def test_slurm_path_submits_each_stage_with_its_resources(slurm_run):
     cfg, fake, _, result = slurm_run
     root = Path(cfg.dump_dir)
     names = [a.job_name for a, _, _ in fake.submissions]
-    assert names == ["train_warmstart_t0", "eval_warmstart_t0", "estep_iter1", "train_iter1_t0", "eval_iter1_t0"]
+    assert names == ["teacher", "train_warmstart_t0", "eval_warmstart_t0", "estep_iter1", "train_iter1_t0", "eval_iter1_t0"]
     for a, _, _ in fake.submissions:
         assert (a.mode, a.cluster, a.partition, a.account, a.qos) == ("launch", "slurm", "gpu", "acct", "high")
         assert a.log_dir == str(root / "slurm")
@@ -129,8 +131,10 @@ def test_slurm_path_submits_each_stage_with_its_resources(slurm_run):
     assert all(c[:3] == [cmds[0][0], "-m", "apps.bolt.estep"] for c in cmds)  # one GPU each: no torchrun
     (ev, [cmd]), = fake.by_name("eval_iter1")
     assert (ev.gpus, ev.time_min, cmd[-2:]) == (1, 19, ["apps.bolt.em_eval", f"config={root / 'configs' / 'eval_iter1_t0.yaml'}"])
-    # the teacher ran in the driver (slurm.teacher.where=driver, the default): no job
-    assert not fake.by_name("teacher") and "teacher" in _stages(root)
+    (teacher, cmds), = fake.by_name("teacher")  # CPU jobs (slurm.teacher.where=job), merged here
+    assert (teacher.gpus, teacher.shards, cmds[1][-3:]) == (0, 2, ["config=" + str(root / "configs" / "teacher.yaml"),
+                                                                   "shard=1", "num_shards=2"])
+    assert json.loads((root / "data" / "warmstart_latents" / "lineage.json").read_text())["num_shards"] == 2
 
 
 def test_stage_configs_are_dumped_resolved_and_outputs_read_from_disk(slurm_run):
@@ -221,15 +225,16 @@ def test_outputs_missing_after_successful_jobs_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_through_submitit_local_jobs_matches_the_in_process_run(slurm_run, tmp_path):
-    """Every heavy stage a separate process through submitit's local executor (about 70 s here:
-    each job starts a fresh interpreter and torch); same numbers as running the configs in
-    process (the fake cluster above)."""
+    """Every heavy stage a separate process through submitit's local executor (70-100 s on the
+    shared 2-core machine: each job starts a fresh interpreter and torch); same numbers as
+    running the configs in process (the fake cluster above)."""
     cpu = [f"slurm.{kind}.gpus_per_node=0" for kind in ("warmstart", "train", "eval")]
     cfg = _cfg(tmp_path, "slurm.cluster=local", "slurm.estep.gpus_per_shard=0", "slurm.poll_s=0.2", *cpu)
     result = em.run(cfg)
     root = Path(cfg.dump_dir)
     assert sorted(p.name for p in (root / "jobs").glob("*.json")) == [
-        "estep_iter1.json", "eval_iter1_t0.json", "eval_warmstart_t0.json", "train_iter1_t0.json", "train_warmstart_t0.json"]
+        "estep_iter1.json", "eval_iter1_t0.json", "eval_warmstart_t0.json", "teacher.json", "train_iter1_t0.json",
+        "train_warmstart_t0.json"]
     log = next((root / "slurm" / "train_iter1_t0").glob("*_log.out")).read_text()
     assert f"-m apps.bolt.train config={root / 'configs' / 'train_iter1_t0.yaml'}" in log
     for got, want in zip(result["rows"], slurm_run[3]["rows"], strict=True):
