@@ -201,6 +201,23 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None) -> T:
     return load_config(cls, path, rest)
 
 
+def cli_config(cls: type[T], argv: Sequence[str] | None, prog: str, *, log_level: str = "INFO") -> T:
+    """The shared start of every entry point's ``main``: console logging, parse the command line
+    (``config=FILE.yaml key.sub=value ...``), print the resolved config. A configuration error is
+    one line naming the key (exit status 2), not a traceback."""
+    import sys
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        cfg = parse_args(cls, argv)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(dump_config(cfg), flush=True)
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
@@ -224,6 +241,7 @@ def dc_replace(cfg: T, **changes: Any) -> T:
 
 __all__ = [
     "ConfigError",
+    "cli_config",
     "DictConfig",
     "dc_replace",
     "dump_config",

@@ -17,7 +17,7 @@ import torch
 from apps.bolt import estep
 from apps.bolt.formats import EOL, POST, PRIOR, SOL, SPECIAL_TOKENS
 from lingua.args import load_config
-from lingua.consolidated import fingerprint, save_consolidated
+from lingua.consolidated import save_consolidated
 from lingua.generation import Engine
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 from lingua.transformer import TransformerArgs, build_model

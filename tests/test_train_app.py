@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apps.bolt.formats import EOL, PRIOR, SOL, SPECIAL_TOKENS
+from apps.bolt.formats import EOL, SOL, SPECIAL_TOKENS
 from apps.bolt.train import BoltTrainArgs, build_format_fn, run
 from lingua.args import ConfigError, load_config
 from tests.test_trainer import DEBUG_YAML, read_metrics

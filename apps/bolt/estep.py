@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 from apps.bolt import importance as imp
 from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.posterior import ChunkInput, ChunkPosterior, PosteriorArgs, PosteriorSampler
-from lingua.args import ConfigError, dump_config, parse_args, to_dict
+from lingua.args import ConfigError, cli_config, dump_config, to_dict
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 from lingua.sample_store import SampleStore
 
@@ -375,13 +375,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(EStepArgs, argv)
-    except ConfigError as e:
-        raise SystemExit(f"apps.bolt.estep: {e}") from None
-    print(dump_config(cfg))
-    result = run(cfg)
+    result = run(cli_config(EStepArgs, argv, "apps.bolt.estep"))
     if "stats" in result:
         s = result["stats"]
         print(f"E-step done: {result.get('docs')} docs, {s['chunks']} chunks, "

@@ -150,15 +150,9 @@ def _metrics_path(cfg: EvalArgs, ref: Any) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lingua.args import ConfigError, dump_config, parse_args
+    from lingua.args import cli_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(EvalArgs, argv)
-    except ConfigError as e:
-        raise SystemExit(f"apps.bolt.eval: {e}") from None
-    print(dump_config(cfg))
-    run(cfg)
+    run(cli_config(EvalArgs, argv, "apps.bolt.eval"))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from apps.bolt.teachers.openai_batch import BatchArgs
 from apps.bolt.teachers.openai_chat import ChatArgs
 from apps.bolt.teachers.prompts import METHODS, SYSTEM_ROLES, PromptSpec, Sampling
 from apps.bolt.teachers.shards import merge_shards, write_shard_records
-from lingua.args import dump_config, parse_args, to_dict
+from lingua.args import cli_config, dump_config, to_dict
 from lingua.io import atomic_write_json, is_done, mark_done
 from lingua.sample_store import make_key
 
@@ -390,7 +390,7 @@ def run(cfg: GenLatentsArgs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(GenLatentsArgs, argv)
+    cfg = cli_config(GenLatentsArgs, argv, "apps.bolt.gen_latents")
     try:
         result = run(cfg)
     except Exception as e:  # noqa: BLE001 - print a redacted traceback instead of the raw one

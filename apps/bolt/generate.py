@@ -19,7 +19,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from lingua.args import parse_args
+from lingua.args import cli_config
 from lingua.generation import Engine, GenerationResult
 from lingua.io import write_jsonl
 from lingua.sampling import SamplingParams
@@ -165,8 +165,7 @@ def run(cfg: GenerateArgs, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_args(GenerateArgs, argv)
-    run(cfg)
+    run(cli_config(GenerateArgs, argv, "apps.bolt.generate"))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from apps.bolt.sources import SOURCE_KINDS, SourceArgs, SourceError, import_callable, source_fingerprint
-from lingua.args import ConfigError, dump_config, parse_args
+from lingua.args import ConfigError, cli_config, dump_config
 from lingua.io import DONE_MARKER, atomic_write_json, is_done, mark_done
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
@@ -451,10 +451,8 @@ def _run_builder(cfg: PrepareArgs, ex: ExtraArgs, root: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(PrepareArgs, argv, "prepare")
     try:
-        cfg = parse_args(PrepareArgs, argv)
-        print(dump_config(cfg), end="")
         results = run(cfg)
     except (SourceError, ConfigError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)

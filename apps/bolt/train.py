@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from apps.bolt.evaluation.in_training import InTrainingEvalArgs
 from apps.bolt.formats import LayoutArgs, make_layout
-from lingua.args import parse_args, to_dict
+from lingua.args import cli_config, to_dict
 from lingua.trainer import TrainArgs, train
 
 
@@ -59,7 +59,7 @@ def run(cfg: BoltTrainArgs) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run(parse_args(BoltTrainArgs, argv))
+    return run(cli_config(BoltTrainArgs, argv, "apps.bolt.train"))
 
 
 if __name__ == "__main__":
