@@ -124,6 +124,18 @@ def _result(lp: torch.Tensor, greedy: torch.Tensor, dropped: int) -> ScoreResult
     return ScoreResult(float(sum(values)), values, len(values), bool(greedy.all()), dropped)
 
 
+def _logits_at(model: Transformer, where: torch.Tensor, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Logits [N, V] of the flattened (row * seq_len + position) states ``where`` of a forward.
+
+    A plain model projects only those states (``Transformer.hidden`` + ``logits``). A sharded
+    (FSDP) model, e.g. the live model of an in-training evaluation, must run its full
+    ``forward``: only that runs the hooks that gather its weights.
+    """
+    if all(type(p) is torch.nn.Parameter for p in model.parameters()):
+        return model.logits(model.hidden(tokens, **kwargs).flatten(0, 1)[where])
+    return model(tokens, **kwargs).flatten(0, 1)[where]
+
+
 def _score_flat(model: Transformer, batch: list, results: list, device: torch.device, stats: EngineStats) -> None:
     """One causal forward over right-padded context+continuation rows (padding sits after the text).
 
@@ -139,10 +151,10 @@ def _score_flat(model: Transformer, batch: list, results: list, device: torch.de
     where = torch.tensor([r * width + p for r, (ctx, (_, cont, _)) in enumerate(batch)
                           for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)], dtype=torch.long)  # fmt: skip
     targets = torch.tensor([t for _, (_, cont, _) in batch for t in cont], dtype=torch.long)
-    h = model.hidden(tokens.to(device))
+    logits = _logits_at(model, where.to(device), tokens.to(device))
     stats.prefill_tokens += sum(len(s) for s in seqs)
     stats.batches += 1
-    lp, greedy = token_logprobs(model.logits(h.flatten(0, 1)[where.to(device)]), targets.to(device))
+    lp, greedy = token_logprobs(logits, targets.to(device))
     lp, greedy = lp.cpu(), greedy.cpu()
     at = 0
     for _, (i, cont, dropped) in batch:
@@ -173,17 +185,17 @@ def _score_shared(model: Transformer, batch: list, results: list, device: torch.
         ctx_ok = (torch.arange(width, device=device)[None] >= pad[:, None])[:, None, :].expand(-1, span, -1)
         causal = (ar[:, None] >= ar[None, :])[None].expand(len(members), -1, -1)
         mask = torch.cat([ctx_ok, causal], dim=-1)[:, None]
-    h = model.hidden(tokens, positions=(width - pad)[:, None] + ar[None], attn_mask=mask, cache=cache, cache_pos=width)
-    stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
-    stats.batches += 1
-
     # token 0 of each continuation is predicted by the prefill's last logits, token j > 0 by the
     # continuation state j - 1: only those states get logits
     where = torch.tensor([r * span + p for r, (_, cont, _) in enumerate(members) for p in range(len(cont) - 1)],
                          dtype=torch.long)  # fmt: skip
     rest = torch.tensor([t for _, cont, _ in members for t in cont[1:]], dtype=torch.long, device=device)
+    logits = _logits_at(model, where.to(device), tokens, positions=(width - pad)[:, None] + ar[None],
+                        attn_mask=mask, cache=cache, cache_pos=width)  # fmt: skip
+    stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
+    stats.batches += 1
     first_lp, first_greedy = token_logprobs(last, tokens[:, 0])
-    rest_lp, rest_greedy = token_logprobs(model.logits(h.flatten(0, 1)[where.to(device)]), rest)
+    rest_lp, rest_greedy = token_logprobs(logits, rest)
     first_lp, first_greedy, rest_lp, rest_greedy = (t.cpu() for t in (first_lp, first_greedy, rest_lp, rest_greedy))
     at = 0
     for r, (i, cont, dropped) in enumerate(members):
