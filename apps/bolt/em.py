@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from apps.bolt.em_exec import EXECUTORS, SlurmArgs, build_stages, final_consolidated
-from lingua.args import ConfigError, dump_config, load_config, parse_args
+from lingua.args import cli_config, dump_config, load_config
 from lingua.io import atomic_write_json, is_done
 
 logger = logging.getLogger("apps.bolt.em")
@@ -377,13 +376,7 @@ def run(cfg: EMArgs, jobs: Any = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    try:
-        cfg = parse_args(EMArgs, argv)
-    except ConfigError as e:
-        raise SystemExit(f"apps.bolt.em: {e}") from None
-    print(dump_config(cfg))
-    run(cfg)
+    run(cli_config(EMArgs, argv, "apps.bolt.em"))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from apps.bolt.eval import EvalArgs
-from lingua.args import ConfigError, dump_config, parse_args
+from lingua.args import cli_config, dump_config
 from lingua.io import atomic_write_json, is_done, mark_done
 
 logger = logging.getLogger("apps.bolt.em")
@@ -117,13 +116,7 @@ def run(cfg: ModelEvalArgs) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    try:
-        cfg = parse_args(ModelEvalArgs, argv)
-    except ConfigError as e:
-        raise SystemExit(f"apps.bolt.em_eval: {e}") from None
-    print(dump_config(cfg))
-    print(json.dumps(run(cfg), indent=2))
+    print(json.dumps(run(cli_config(ModelEvalArgs, argv, "apps.bolt.em_eval")), indent=2))
 
 
 if __name__ == "__main__":
