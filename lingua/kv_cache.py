@@ -50,7 +50,7 @@ class KVCache(nn.Module):
                 self.v[new, :, :used] = self.v[old, :, :used]
         self.k, self.v = self.k[: len(rows)], self.v[: len(rows)]
 
-    def window(self, rows: slice, start: int) -> "KVCache":
+    def window(self, rows: slice, start: int) -> KVCache:
         """A cache sharing this one's memory over batch ``rows`` and slots ``start:``: a forward
         writing the window at slot p writes this cache at slot ``start + p`` (in-place prefill)."""
         view = KVCache.__new__(KVCache)
