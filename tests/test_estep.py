@@ -224,3 +224,15 @@ def test_compute_elbo_matches_per_chunk_bounds_and_orders(world):
     assert out["elbo_1_per_token"] < 0
     # the same seed reproduces (the order of num_samples does not matter)
     assert estep.compute_elbo(engine, docs, num_samples=[1, 2, 4], seed=3, max_latent_tokens=8) == out
+
+
+def test_merge_streams_records_with_unicode_line_separators(tmp_path):
+    recs = [{"id": "a", "latent": "x\u2028y\u0085z"}, {"id": "b", "latent": "plain"}]
+    parts = []
+    for i, r in enumerate(recs):
+        p = tmp_path / f"p{i}.jsonl"
+        p.write_text(json.dumps(r, ensure_ascii=False) + "\n", encoding="utf-8")
+        parts.append(p)
+    n = estep._concatenate(parts, tmp_path / "out.jsonl")
+    lines = (tmp_path / "out.jsonl").read_bytes().split(b"\n")
+    assert n == 2 and [json.loads(x) for x in lines if x] == recs

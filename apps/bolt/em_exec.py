@@ -309,9 +309,9 @@ def final_consolidated(run_dir: str | Path) -> tuple[Path, dict]:
 
 
 def estep_shard_done(out: str | Path, shard: int, num_shards: int) -> bool:
-    from apps.bolt.estep import _work_paths
+    from apps.bolt.estep import shard_paths
 
-    data, done = _work_paths(Path(out), shard, num_shards)
+    data, done = shard_paths(Path(out), shard, num_shards)
     return done.is_file() and data.is_file()
 
 

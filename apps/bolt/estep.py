@@ -159,15 +159,38 @@ def _doc_record(rec: dict, chunks, posts: list[ChunkPosterior]) -> dict:
     return out
 
 
-def _jsonl_lines(path: Path) -> list[str]:
-    """Lines of a JSONL file split on "\\n" only: ``str.splitlines`` would also split inside
-    records at U+2028, U+0085 and friends, which ``json.dumps(ensure_ascii=False)`` leaves raw."""
-    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
-def _work_paths(out: Path, shard: int, num_shards: int) -> tuple[Path, Path]:
+def shard_paths(out: str | Path, shard: int, num_shards: int) -> tuple[Path, Path]:
+    """(data file, completion marker) of one shard's work under ``out/work/``."""
     stem = f"shard-{shard:05d}-of-{num_shards:05d}"
-    return out / "work" / f"{stem}.jsonl", out / "work" / f"{stem}.done.json"
+    return Path(out) / "work" / f"{stem}.jsonl", Path(out) / "work" / f"{stem}.done.json"
+
+
+def _concatenate(parts: list[Path], dest: Path) -> int:
+    """Stream JSONL files into ``dest`` atomically (constant memory; a file per shard may be
+    large on a cluster). Lines are split on ``\\n`` only: ``str.splitlines`` would also split
+    inside records at U+2028/U+0085, which ``json.dumps(ensure_ascii=False)`` leaves raw."""
+    import os
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as w:
+            for part in parts:
+                with open(part, "rb") as r:
+                    for line in r:  # binary iteration splits on b"\n" only
+                        if line.strip():
+                            w.write(line if line.endswith(b"\n") else line + b"\n")
+                            n += 1
+            w.flush()
+            os.fsync(w.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
 
 
 # ----------------------------------------------------------------------------------- running
@@ -186,7 +209,7 @@ def _load_backend(cfg: EStepArgs):
 
 def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
     out = Path(cfg.out)
-    data_path, done_path = _work_paths(out, cfg.shard, cfg.num_shards)
+    data_path, done_path = shard_paths(out, cfg.shard, cfg.num_shards)
     if backend is None:
         backend, fp = _load_backend(cfg)
     recipe = recipe_hash(cfg, fp)
@@ -254,7 +277,7 @@ def merge(cfg: EStepArgs) -> dict:
         return json.loads((out / "lineage.json").read_text())
     infos, missing = [], []
     for i in range(cfg.num_shards):
-        data_path, done_path = _work_paths(out, i, cfg.num_shards)
+        data_path, done_path = shard_paths(out, i, cfg.num_shards)
         if not done_path.is_file() or not data_path.is_file():
             missing.append(i)
         else:
@@ -265,12 +288,7 @@ def merge(cfg: EStepArgs) -> dict:
     recipes = {i["recipe"] for i in infos}
     if len(recipes) != 1:
         raise RuntimeError(f"cannot merge {out}: shards were made by different recipes {sorted(recipes)}")
-    lines = []
-    for i in range(cfg.num_shards):
-        lines.extend(_jsonl_lines(_work_paths(out, i, cfg.num_shards)[0]))
-    from lingua.io import atomic_write_text
-
-    atomic_write_text(out / "latents.chunk.00.jsonl", "".join(line + "\n" for line in lines))
+    _concatenate([shard_paths(out, i, cfg.num_shards)[0] for i in range(cfg.num_shards)], out / "latents.chunk.00.jsonl")
     ess = [e for i in infos for e in i["ess"]]
     stats_keys = ("chunks", "samples_drawn", "samples_cached", "not_done", "prefix_truncated", "suffix_truncated",
                   "sample_seconds", "score_seconds")
