@@ -95,3 +95,14 @@ def test_cuda_bf16_mixed_precision_debug_run(tmp_path):
     assert summary["losses"][12] < summary["losses"][1] - 1.0
     metrics = read_metrics(tmp_path / "run")
     assert metrics[-1]["memory/max_allocated_gib"] > 0
+
+
+def test_engine_scores_and_generates_on_an_fsdp_sharded_model(tmp_path):
+    """The in-training evaluation hooks score the live (sharded) model: scores and greedy tokens
+    must equal the unsharded model's (FSDP gathers the weights in its forward hooks)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "helpers" / "fsdp_score.py")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("greedy same True") == 2

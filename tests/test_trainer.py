@@ -163,9 +163,12 @@ def test_wandb_mirror_is_offline_and_optional(corpus, tmp_path, monkeypatch):
     assert summary["step"] == 2
 
 
-def test_unknown_config_key_is_an_error(corpus, tmp_path):
-    with pytest.raises(ConfigError, match="optim.learning_rate"):
+def test_unknown_config_key_is_an_error(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line naming the key, exit status 2
         main([f"config={DEBUG_YAML}", "optim.learning_rate=1e-3"])
+    assert exit_info.value.code == 2 and "unknown config key 'optim.learning_rate'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(BoltTrainArgs, DEBUG_YAML, ["optim.learning_rate=1e-3"])
     with pytest.raises(ConfigError, match="dump_dir is required"):
         load_config(BoltTrainArgs, None, [])
     with pytest.raises(ConfigError, match="val.source"):
