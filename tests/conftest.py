@@ -6,6 +6,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test models are tiny (2 layers, width 64): a second intra-op thread buys nothing, and on a
+# shared 2-core machine OpenMP threads spinning against other processes (or our own data-prefetch
+# thread) make steps up to 10x slower. Child processes (torchrun, stage subprocesses) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

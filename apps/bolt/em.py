@@ -87,6 +87,9 @@ class EMArgs:
     eval_data_root: Optional[str] = None
     """``data_root`` of the task evaluation; None: this run's data folder (the synthetic world's
     tasks are prepared there); "": the Hugging Face Hub; a folder: local copies of hub datasets."""
+    threads: int = 0
+    """CPU intra-op threads for the in-process stages (``torch.set_num_threads``); 0 keeps torch's
+    default. On a small shared CPU, 1 avoids OpenMP threads spinning against other work."""
     device: str = "cpu"
     """Device of the models in the stages (in the jobs, with ``executor: slurm``)."""
     executor: str = "local"
@@ -329,6 +332,10 @@ class EMDriver:
         c = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
         dump_config(c, self.root / "config.yaml")
+        if c.threads > 0:
+            import torch
+
+            torch.set_num_threads(c.threads)
         self.prepare()
         self.tokenizer()
         self.teacher()
