@@ -45,6 +45,8 @@ class BenchArgs:
     n_heads: int = 4
     vocab_size: int = 1024
     device: str = "cpu"
+    dtype: str = "float32"
+    """Weights of both engines: float32 | bfloat16 (GPU)."""
     threads: Optional[int] = None
     repeats: int = 3
     clock: str = "wall"
@@ -99,7 +101,7 @@ def _hf_model(model, device):
 
     config = to_llama_config(model.args)
     config.eos_token_id = config.bos_token_id = None
-    hf = LlamaForCausalLM(config).to(device).eval()
+    hf = LlamaForCausalLM(config).to(device=device, dtype=model.tok_embeddings.weight.dtype).eval()
     hf.load_state_dict(lingua_to_hf_state_dict(model.state_dict(), model.args))
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -137,7 +139,7 @@ def run(cfg: BenchArgs) -> dict:
     device = torch.device(cfg.device)
     args = TransformerArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
                            max_seqlen=cfg.max_prompt_len + max(cfg.new_tokens, cfg.continuation_len) + 8)
-    model = build_model(args, device=device)
+    model = build_model(args, device=device).to(getattr(torch, cfg.dtype))
     engine = Engine(model, _NoTokenizer(cfg.vocab_size), max_batch_tokens=cfg.max_batch_tokens)
     hf = _hf_model(model, device)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -147,7 +149,7 @@ def run(cfg: BenchArgs) -> dict:
     n_gen = cfg.prompts * cfg.new_tokens
     print(f"model: {model.num_params() / 1e6:.2f}M params, dim {cfg.dim}, {cfg.n_layers} layers, "
           f"vocab {cfg.vocab_size}; "
-          f"device {device}, threads {torch.get_num_threads()}")
+          f"{cfg.dtype} on {device}, threads {torch.get_num_threads()}")
     print(f"workload: {cfg.prompts} prompts of {min(lens)}-{max(lens)} tokens, {cfg.new_tokens} new tokens each; "
           f"scoring continuations of {cfg.continuation_len} tokens")
 

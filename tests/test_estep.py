@@ -202,10 +202,29 @@ def test_bad_config_and_missing_inputs(world, tmp_path):
 
     with pytest.raises(ConfigError, match="selection must be one of"):
         _cfg(world, tmp_path / "x", "posterior.selection=best")
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        _cfg(world, tmp_path / "x", "dtype=int8")
     with pytest.raises(ConfigError, match="shard < num_shards"):
         _cfg(world, tmp_path / "x", "shard=2", "num_shards=2")
     with pytest.raises(FileNotFoundError, match="no \\*.jsonl files"):
         list(estep.list_docs(tmp_path / "empty"))
+
+
+def test_bfloat16_estep_loads_bf16_weights_and_has_its_own_recipe(world, tmp_path):
+    """bf16 weights (the GPU setting) give a different recipe, so bf16 and fp32 shards never mix;
+    the output is a complete, consistent E-step (log-probs are taken in float32 from bf16 logits)."""
+    fp32, bf16 = _cfg(world, tmp_path / "a"), _cfg(world, tmp_path / "b", "dtype=bfloat16")
+    assert estep.recipe_hash(fp32, "m") != estep.recipe_hash(bf16, "m")
+    engine, _ = estep._load_backend(bf16)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    estep.run(bf16)
+    recs = _records(tmp_path / "b")
+    assert [r["id"] for r in recs] == ["d0", "d1", "d2", "d3"]
+    for r in recs:
+        assert "".join(c["suffix"] for c in r["chunks"]) == r["text"]
+        for c in r["chunks"]:
+            assert len(c["log_w"]) == 4 and all(math.isfinite(x) for x in c["log_w"])
+            assert c["elbo_1"] == pytest.approx(c["log_w"][0], abs=1e-3)
 
 
 def test_compute_elbo_matches_per_chunk_bounds_and_orders(world):

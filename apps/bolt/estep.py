@@ -36,6 +36,7 @@ from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 from lingua.sample_store import SampleStore
 
 logger = logging.getLogger("apps.bolt.estep")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _estep_chunking() -> ChunkArgs:
@@ -61,6 +62,10 @@ class EStepArgs:
     """Chunks per backend call (memory is bounded by the engine's token budget)."""
     max_batch_tokens: int = 16384
     device: str = "auto"
+    dtype: str = "float32"
+    """Weights and KV cache of the sampler/scorer: float32 | bfloat16 | float16. Log-probabilities
+    are always taken in float32 from the logits; bfloat16 is the fast choice on GPU (the reference
+    samples with vLLM in bf16), float32 keeps CPU and GPU E-steps comparable."""
     limit_docs: Optional[int] = None
     """Debug: only the first N documents of the corpus."""
     text_key: str = "text"
@@ -76,6 +81,8 @@ class EStepArgs:
                 raise ValueError(f"{name}=... is required")
         if not self.out:
             raise ValueError("out=... is required")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -204,6 +211,7 @@ def _load_backend(cfg: EStepArgs):
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_consolidated(cfg.ckpt, device=device)
+    model = model.to(getattr(torch, cfg.dtype))
     return Engine(model, tok, device=device, max_batch_tokens=cfg.max_batch_tokens), fingerprint(cfg.ckpt)
 
 
