@@ -384,6 +384,27 @@ def test_cuda_matches_cpu(model):
     assert same >= len(PROMPTS) * 2 - 1  # same streams; float noise may flip one boundary draw
 
 
+def test_varying_shape_attention_is_a_no_op_on_cpu_and_leaves_cudnn_out_on_cuda():
+    import contextlib
+
+    from lingua.generation import varying_shape_attention
+
+    assert isinstance(varying_shape_attention(torch.device("cpu")), contextlib.nullcontext)
+    if torch.cuda.is_available():  # the backend list is only consulted on CUDA
+        with varying_shape_attention(torch.device("cuda")):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.gpu
+def test_bf16_generation_on_cuda_is_complete():
+    """bf16 weights on CUDA (the E-step's GPU setting) decode every requested token and give
+    finite log-probs; greedy tokens need not equal fp32's."""
+    engine = Engine(tiny_model().to(torch.bfloat16), TOK, device="cuda")
+    out = engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=16, n=2, seed=3, ignore_eos=True))
+    assert all(len(r.token_ids) == 16 and all(map(math.isfinite, r.logprobs)) for rs in out for r in rs)
+
+
 def test_cli_reads_prompt_files(tmp_path):
     from apps.bolt.generate import read_prompts
 
