@@ -20,6 +20,9 @@ fi
   || { echo "install.sh: need python >= 3.11 (set PYTHON=...)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
+# pip of some machines warns once per package about find-links folders that do not exist there;
+# drop only those lines (real warnings and errors still show).
+quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
@@ -32,14 +35,14 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
     $PIP install -q --no-index "torch==$TORCH_VERSION" 2>/dev/null \
       || $PIP install -q --timeout 15 --retries 1 "torch==$TORCH_VERSION" \
            --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-      || $PIP install -q "torch==$TORCH_VERSION"
+      || quiet_pip install -q "torch==$TORCH_VERSION"
   fi
 fi
 PIN=$(mktemp); trap 'rm -f "$PIN"' EXIT
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
+"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
 echo "install.sh: installing requirements (torch pinned to $(cat "$PIN"))"
-$PIP install -q -c "$PIN" -r requirements.txt
-$PIP install -q -c "$PIN" --no-deps -e .
+quiet_pip install -q -c "$PIN" -r requirements.txt
+quiet_pip install -q -c "$PIN" --no-deps -e .
 rm -f "$VENV"/.bolt-install-*
 touch "$STAMP"
 echo "install.sh: environment ready at $VENV"

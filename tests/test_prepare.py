@@ -249,7 +249,7 @@ def test_offline_hf_source_one_line_error(tmp_path, capsys):
 
 
 def test_cli_and_config_errors(tmp_path, capsys):
-    main([f"out_dir={tmp_path}", f"source.kind=synthetic", f"source.generator={GEN}", "source.num_docs=30"])
+    main([f"out_dir={tmp_path}", "source.kind=synthetic", f"source.generator={GEN}", "source.num_docs=30"])
     assert "validation: 1 docs" in capsys.readouterr().out
     assert (tmp_path / "prepare_config.yaml").exists()
     with pytest.raises(SystemExit):

@@ -25,7 +25,6 @@ real pipeline. Results go to ``{out_dir}/results.json`` and are printed as a tab
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
