@@ -48,7 +48,7 @@ def test_em_runs_every_stage_and_reports(em_run):
     tmp, cfg, result = em_run
     root = Path(cfg.dump_dir)
     assert _stages(root) == [
-        "prepare", "teacher", "train:warmstart_t0", "eval:warmstart_t0", "estep:iter1", "train:iter1_t0",
+        "prepare", "subset:bootstrap_first4", "teacher", "train:warmstart_t0", "eval:warmstart_t0", "estep:iter1", "train:iter1_t0",
         "eval:iter1_t0", "train:raw_token_match_t0", "eval:raw_token_match_t0", "train:raw_flops_match_t0",
         "eval:raw_flops_match_t0",
     ]
@@ -72,6 +72,17 @@ def test_em_runs_every_stage_and_reports(em_run):
     # the E-step used the warmstart model, the lineage says so
     lineage = json.loads((root / "data" / "iter1_latents" / "lineage.json").read_text())
     assert lineage["model"] == str(seen["warmstart_t0"]["consolidated"]) and lineage["num_samples"] == 2
+    # estep_docs=4: the E-step and the raw baselines read the same 4 documents (the first 4 of
+    # the bootstrap corpus), so the M-step and the baselines see the same raw text
+    first = [json.loads(x) for x in next((root / "data" / "bootstrap").glob("*.jsonl")).read_text().splitlines()[:4]]
+    subset = root / "data" / "bootstrap_first4"
+    assert [json.loads(x) for x in next(subset.glob("*.jsonl")).read_text().splitlines()] == first
+    assert lineage["docs"] == 4 and lineage["src"] == str(subset)
+    latents = [json.loads(x) for x in (root / "data" / "iter1_latents" / "latents.chunk.00.jsonl").read_text().splitlines()]
+    assert [d["text"] for d in latents] == [d["text"] for d in first]
+    for b in ("raw_token_match_t0", "raw_flops_match_t0"):
+        assert seen[b]["inputs"]["data"] == em._stamp(subset)
+        assert list(seen[b]["summary"]["tokens_seen"]) == ["bootstrap_first4"]
 
 
 def test_rerun_skips_everything_and_resumes_after_a_crash(em_run, monkeypatch):

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 from apps.bolt.em_exec import EXECUTORS, SlurmArgs, build_stages, final_consolidated
 from lingua.args import cli_config, dump_config, load_config
-from lingua.io import atomic_write_json, is_done
+from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
 logger = logging.getLogger("apps.bolt.em")
 
@@ -76,7 +76,9 @@ class EMArgs:
     k_ablation: list[int] = field(default_factory=list)
     """Extra iteration-1 E-step + M-step with these K (e.g. [1])."""
     estep_docs: Optional[int] = None
-    """Use only the first N bootstrap documents in the E-step (toy runs; None: all)."""
+    """Use only the first N bootstrap documents (toy runs; None: all). They are written once as
+    their own dataset, ``bootstrap_first{N}``, which both the E-steps and the raw baselines read:
+    the M-steps and the baselines see the same raw text, as in the reference."""
     synthetic_tokenizer: bool = True
     """Train the synthetic world's tokenizer (else the train config's tokenizer is used)."""
     tokenizer_cache: str = ".cache/synthetic"
@@ -179,6 +181,29 @@ class EMDriver:
         overrides = [*self.cfg.train.overrides, *self.tokenizer_overrides, "dump_dir=unused"]  # required, not used
         return load_config(BoltTrainArgs, self.cfg.train.config, overrides).tokenizer
 
+    @property
+    def bootstrap_name(self) -> str:
+        """The raw corpus of the E-steps and of the raw baselines (a dataset of ``DUMP/data``)."""
+        n = self.cfg.estep_docs
+        return "bootstrap" if n is None else f"bootstrap_first{n}"
+
+    def bootstrap(self) -> None:
+        """With ``estep_docs``: write its first N documents (the E-step's document order and
+        skip rules) as a dataset of their own."""
+        if self.cfg.estep_docs is None:
+            return
+        from apps.bolt.estep import list_docs
+
+        src, out = self.data / "bootstrap", self.data / self.bootstrap_name
+
+        def work() -> None:
+            records = [rec for _, rec in list_docs(src, limit=self.cfg.estep_docs)]
+            write_jsonl(out / f"{self.bootstrap_name}.chunk.00.jsonl", records)
+            mark_done(out, {"source": str(src), "first_docs": self.cfg.estep_docs, "docs": len(records),
+                            "source_marker": _stamp(src)})
+
+        self._stage(f"subset:{self.bootstrap_name}", lambda: is_done(out), work)
+
     def teacher(self) -> None:
         from apps.bolt import gen_latents
 
@@ -239,10 +264,8 @@ class EMDriver:
     def estep_config(self, name: str, ckpt: Path | str, extra: list[str] = ()):
         from apps.bolt.estep import EStepArgs
 
-        overrides = [*self.cfg.estep.overrides, *extra, f"ckpt={ckpt}", f"src={self.data / 'bootstrap'}",
+        overrides = [*self.cfg.estep.overrides, *extra, f"ckpt={ckpt}", f"src={self.data / self.bootstrap_name}",
                      f"out={self.data / f'{name}_latents'}", f"device={self.cfg.device}"]
-        if self.cfg.estep_docs is not None:
-            overrides.append(f"limit_docs={self.cfg.estep_docs}")
         return load_config(EStepArgs, self.cfg.estep.config, overrides)
 
     def estep_run(self, name: str, ckpt: Path, extra: list[str] = ()) -> Path:
@@ -338,6 +361,7 @@ class EMDriver:
             torch.set_num_threads(c.threads)
         self.prepare()
         self.tokenizer()
+        self.bootstrap()
         self.teacher()
         warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random", c.warmstart_tokens,
                                  lambda t: c.base_ckpt)
@@ -359,7 +383,7 @@ class EMDriver:
             budgets = {"raw_token_match": int(c.mstep_tokens * share["raw_fraction"]), "raw_flops_match": c.mstep_tokens}
             atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
             per_baseline = self.concurrently([
-                lambda b=b: self.trials(b, None, None, b, "bootstrap", "raw", budgets[b], lambda t: c.base_ckpt)[1]
+                lambda b=b: self.trials(b, None, None, b, self.bootstrap_name, "raw", budgets[b], lambda t: c.base_ckpt)[1]
                 for b in c.baselines
             ])
             rows += [row for group in per_baseline for row in group]

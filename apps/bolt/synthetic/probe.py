@@ -50,9 +50,8 @@ from lingua.transformer import TransformerArgs, build_model
 
 
 def _probe_model() -> TransformerArgs:
-    """A narrower sibling of the project's ``tiny`` model (configs/model/tiny.yaml: width 192):
-    width 128, 4 layers, 4 heads sharing 2 kv heads, FFN 384; 0.92M parameters with the
-    512-entry synthetic vocabulary, so a probe run takes minutes on a shared 2-core CPU."""
+    """The project's ``tiny`` model (configs/model/tiny.yaml): width 128, 4 layers, 4 heads sharing
+    2 kv heads, FFN 384; 0.92M parameters with the 512-entry synthetic vocabulary."""
     return TransformerArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seqlen=512)
 
 
