@@ -11,7 +11,9 @@ bash setup/install.sh
 export WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
 .venv/bin/python -m apps.bolt.em config=apps/bolt/configs/em_synthetic.yaml "$@" 2>&1 \
-  | tee /tmp/bolt_demo.log | grep --line-buffered -E "^\||EM results|\[em\]|Traceback|Error"
+  | tee /tmp/bolt_demo.log \
+  | grep --line-buffered -E "^\||EM results|\[em\] [^ ]+: (done|complete)|Traceback|Error" \
+  | sed -u -E 's/^[0-9-]+ [0-9:,]+ [A-Z]+ apps\.bolt\.em: //'
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ]; then

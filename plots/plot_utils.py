@@ -48,7 +48,7 @@ def plot_em_accuracy(result: dict[str, Any], path: str | Path, metric: str = "ac
     import matplotlib.pyplot as plt
 
     lines = result["summary"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
     boot = sorted((ln for ln in lines if ln["group"] == "bootstrap" and metric in ln), key=lambda ln: ln["iteration"])
     if boot:
         xs = [ln["iteration"] for ln in boot]
@@ -69,7 +69,8 @@ def plot_em_accuracy(result: dict[str, Any], path: str | Path, metric: str = "ac
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_xticks(range(0, xmax + 1))
     ax.set_title(f"{result.get('name', 'EM')}: {metric} per iteration")
-    ax.legend(fontsize=8, loc="best")
+    ax.set_ylim(bottom=0)  # accuracies from 0: small gaps are not drawn as large ones
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # off the data
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
