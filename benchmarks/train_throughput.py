@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.train_throughput [--dim 256 --layers 4 --vocab 1024 --seq 256 --batch 8]
                                                     [--steps 8 --rounds 3 --threads 2 --no-compile]
-                                                    [--clock process|wall]
+                                                    [--clock process|wall] [--profile]
 
 Both models get the same config (``lingua.hf.to_llama_config``), the same weights (copied with
 ``lingua.hf.lingua_to_hf_state_dict`` and checked: logits must agree before anything is timed),
@@ -107,6 +107,24 @@ def timed(step: Callable, n: int, clock: Callable[[], float]) -> float:
     return statistics.median(times)
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product",
+            "aten::scaled_dot_product", "aten::_efficient_attention", "aten::_flash_attention")
+
+
+def kernel_share(step: Callable, n: int = 3) -> tuple[float, float]:
+    """Self CPU time of one eager step (mean of ``n``) and the share of it spent in matrix
+    products and attention kernels: what no model-code change can remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key.startswith(GEMM_OPS))
+    return total / n / 1e6, gemm / max(total, 1)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=256)
@@ -122,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--clock", choices=("process", "wall"), default="process")
+    p.add_argument("--profile", action="store_true", help="also print each eager step's time share in GEMM/SDPA kernels")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -146,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, s in best.items():
         results[name] = tokens / s
         print(f"{name:15s} {s * 1e3:8.1f} ms/step  {tokens / s:9.0f} tok/s  {tokens / s / base:5.2f}x HF eager")
+    if a.profile:
+        for name in ("ours_eager", "hf_eager"):
+            secs, share = kernel_share(steps[name])
+            print(f"{name:15s} profiled: {secs * 1e3:7.1f} ms/step of operator time, {share:6.1%} in matmul/attention kernels")
     return results
 
 
