@@ -42,7 +42,8 @@ PIN=$(mktemp); trap 'rm -f "$PIN"' EXIT
 "$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
 echo "install.sh: installing requirements (torch pinned to $(cat "$PIN"))"
 quiet_pip install -q -c "$PIN" -r requirements.txt
-quiet_pip install -q -c "$PIN" --no-deps -e .
+# (setuptools warns about editable installs in general; PYTHONWARNINGS reaches its build process)
+PYTHONWARNINGS=ignore quiet_pip install -q -c "$PIN" --no-deps -e .
 rm -f "$VENV"/.bolt-install-*
 touch "$STAMP"
 echo "install.sh: environment ready at $VENV"
