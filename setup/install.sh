@@ -28,7 +28,7 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "install.sh: NVIDIA GPU found, installing CUDA torch==$TORCH_VERSION"
-    $PIP install -q "torch==$TORCH_VERSION"
+    quiet_pip install -q "torch==$TORCH_VERSION"
   else
     echo "install.sh: no NVIDIA GPU, installing CPU torch==$TORCH_VERSION"
     # 1) a local wheel (pip's find-links, no network); 2) PyTorch's CPU index; 3) PyPI.
