@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from apps.bolt import importance as imp
+from apps.bolt import latent_quality as lq
 from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.posterior import ChunkInput, ChunkPosterior, PosteriorArgs, PosteriorSampler
 from lingua.args import ConfigError, cli_config, dump_config, to_dict
@@ -69,6 +70,11 @@ class EStepArgs:
     limit_docs: Optional[int] = None
     """Debug: only the first N documents of the corpus."""
     text_key: str = "text"
+    quality: str = "auto"
+    """Score every sampled latent against the true one where the corpus's world knows it
+    (:mod:`apps.bolt.latent_quality`): ``auto`` (the scorer registered for the records'
+    ``source``, e.g. the synthetic world's oracle; nothing for a real corpus), ``none``, or a
+    scorer name. Results go to each chunk record (``correct`` per sample) and the lineage."""
     progress: bool = True
 
     def validate(self) -> None:
@@ -137,7 +143,7 @@ def recipe_hash(cfg: EStepArgs, fingerprint: str) -> str:
 # ----------------------------------------------------------------------------------- outputs
 
 
-def _chunk_record(suffix: str, post: ChunkPosterior) -> dict:
+def _chunk_record(suffix: str, post: ChunkPosterior, quality=None) -> dict:
     rec = {
         "suffix": suffix,
         "latent": post.latent,
@@ -153,12 +159,16 @@ def _chunk_record(suffix: str, post: ChunkPosterior) -> dict:
         rec["prefix_chars_dropped"] = post.prefix_chars_dropped
     if post.suffix_tokens_cut:
         rec["suffix_tokens_cut"] = post.suffix_tokens_cut
+    if quality is not None:
+        rec["has_thought"] = quality.has_thought
+        rec["correct"] = [int(c) for c in quality.correct]
     return rec
 
 
-def _doc_record(rec: dict, chunks, posts: list[ChunkPosterior]) -> dict:
+def _doc_record(rec: dict, chunks, posts: list[ChunkPosterior], qualities=None) -> dict:
     out = dict(rec)
-    out["chunks"] = [_chunk_record(c.suffix, p) for c, p in zip(chunks, posts)]
+    qualities = qualities or [None] * len(posts)
+    out["chunks"] = [_chunk_record(c.suffix, p, q) for c, p, q in zip(chunks, posts, qualities)]
     out["num_chunks"] = len(posts)
     out["suffix_tokens"] = sum(p.suffix_tokens for p in posts)
     for n in sorted({n for p in posts for n in p.elbo}):
@@ -246,9 +256,15 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
         bar.update(len(batch))
     bar.close()
     store.close()
+    scored = lq.scorer_for(cfg.quality, [rec for _, rec in docs])
+    tally, qualities = lq.QualityTally(), [None] * len(posts)
+    if scored is not None:
+        qualities = [scored[1].score(c.prefix, c.suffix, p.latents) for c, p in zip(items, posts)]
+        for q, p in zip(qualities, posts):
+            tally.add(q, p.log_w, p.selected)
     records, pos = [], 0
     for _, rec, chunks in chunked:
-        records.append(_doc_record(rec, chunks, posts[pos : pos + len(chunks)]))
+        records.append(_doc_record(rec, chunks, posts[pos : pos + len(chunks)], qualities[pos : pos + len(chunks)]))
         pos += len(chunks)
     write_jsonl(data_path, records)
     info = {
@@ -266,6 +282,8 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
             for n in cfg.posterior.elbo_samples
         },
         "model_fingerprint": fp,
+        "quality_scorer": scored[0] if scored else None,
+        "quality": tally.as_dict() if scored else None,
     }
     atomic_write_json(done_path, info, indent=None)  # the shard's completion marker, last
     s = sampler.stats
@@ -275,7 +293,22 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
         cfg.shard, cfg.num_shards, len(records), len(items), s.samples_drawn, s.samples_cached,
         s.not_done, info["seconds"], s.sample_seconds, s.score_seconds,
     )
+    if scored:
+        logger.info("E-step shard %d/%d latent quality: %s", cfg.shard, cfg.num_shards, format_quality(tally.summary()))
     return info
+
+
+def format_quality(q: dict) -> str:
+    """One line of the headline latent-quality numbers (see :mod:`apps.bolt.latent_quality`)."""
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    sel = q["selector"]
+    return (f"correct {f(q['selected_correct'])} of {q['chunks_with_thought']} chunks with a thought "
+            f"(SIR {f(sel['sir'])}, uniform {f(sel['uniform'])}, argmax {f(sel['argmax'])}, best-of-K "
+            f"{f(sel['best_of_k'])}); equations true {f(q['equation_truth'])}, recall {f(q['equation_recall'])}; "
+            f"log-weight gap right-wrong {f(q['log_weight_gap'])} nats, right beats wrong {f(q['right_beats_wrong'])}")
 
 
 def merge(cfg: EStepArgs) -> dict:
@@ -324,6 +357,10 @@ def merge(cfg: EStepArgs) -> dict:
             for n in map(str, cfg.posterior.elbo_samples)
         },
     }
+    scorers = {i.get("quality_scorer") for i in infos}
+    if len(scorers) == 1 and None not in scorers:
+        tally = sum((lq.QualityTally.from_dict(i["quality"]) for i in infos), lq.QualityTally())
+        lineage["quality"] = {"scorer": scorers.pop(), **tally.summary(), "tally": tally.as_dict()}
     atomic_write_json(out / "lineage.json", lineage)
     mark_done(out, {"docs": lineage["docs"], "recipe": lineage["recipe"]})
     logger.info("merged %d shards, %d docs into %s", cfg.num_shards, lineage["docs"], out)
