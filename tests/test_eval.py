@@ -300,7 +300,7 @@ def test_latent_gsm8k_filters(tok, tmp_path):
         return f"3 * 6 = 18. Therefore, the answer is 18.{EOL} The final answer is 32. I hope it is correct."
 
     cfg = EvalArgs(tasks="gsm8k_cot", variant="latent", data_root=str(ASSETS), out_dir=str(tmp_path / "l"),
-                   metrics_file="none", harness=HarnessOptions(limit=1))
+                   metrics_file="none", harness=HarnessOptions(limit=1, subset="first"))  # "Sam has" (32)
     s = run(cfg, backend=Scripted(tok, answer))["summary"]
     got = {k.split("/")[-1]: v["mean"] for k, v in s.items()}
     assert got == {"strict-match": 0.0, "flexible-extract": 1.0, "latent-strict-match": 0.0, "latent-flexible-extract": 0.0}

@@ -68,7 +68,11 @@ def eval_id(cfg: EvalArgs, variant: str) -> str:
     """Name of one evaluation setting: the tasks plus a hash of everything that changes numbers."""
     from lingua.args import to_dict
 
-    keyed = {"tasks": cfg.task_list(), "variant": variant, "data_root": cfg.data_root, "harness": to_dict(cfg.harness)}
+    harness = to_dict(cfg.harness)
+    if cfg.harness.limit is None:  # the subset rule changes nothing when every document is scored
+        harness.pop("subset", None)
+        harness.pop("subset_seed", None)
+    keyed = {"tasks": cfg.task_list(), "variant": variant, "data_root": cfg.data_root, "harness": harness}
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     return f"{'+'.join(cfg.task_list())}-{digest}"
 
@@ -82,6 +86,7 @@ def run(cfg: EvalArgs, *, backend: Any = None) -> dict[str, Any]:
     from apps.bolt.evaluation.checkpoints import resolve_checkpoint
     from apps.bolt.evaluation.results import format_table, metrics_line, record_metrics
     from apps.bolt.evaluation.runner import evaluate_tasks, write_outcome
+    from apps.bolt.evaluation.subset import describe as describe_subset
     from apps.bolt.evaluation.tasks import TASKS_DIR, TaskLibrary, apply_variant, variant_for_layout
     from lingua.args import to_dict
     from lingua.io import is_done
@@ -103,6 +108,9 @@ def run(cfg: EvalArgs, *, backend: Any = None) -> dict[str, Any]:
         done = json.loads(summary_path.read_text())
         if done.get("eval_id") == eid:
             print(format_table(done["summary"], f"{eid} (already complete: {out_dir})"))
+            if cfg.harness.limit is not None:
+                for line in describe_subset(done.get("subset")):
+                    print(f"documents: {line}")
             return done
 
     from lingua.args import dump_config
@@ -127,6 +135,9 @@ def run(cfg: EvalArgs, *, backend: Any = None) -> dict[str, Any]:
     }
     write_outcome(out_dir, outcome, info)
     print(format_table(outcome.summary, f"{eid} ({variant} variant, step {info['step']})"))
+    if cfg.harness.limit is not None:
+        for line in describe_subset(outcome.subset):
+            print(f"documents: {line}")
     for seed, lim in zip(cfg.harness.seeds, outcome.limits):
         bound = {k: v for k, v in lim.items() if v and not k.endswith("requests") and k != "rolling_windows"}
         if bound:

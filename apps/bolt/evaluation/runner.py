@@ -3,10 +3,15 @@
 Used by the CLI (``python -m apps.bolt.eval``) and by the in-training task hook, so both produce
 the same files:
 
-    <out_dir>/results_seed<S>.json    lm-eval's output for seed S (without samples) + limits
+    <out_dir>/results_seed<S>.json    lm-eval's output for seed S (without samples) + limits + subset
     <out_dir>/samples_seed<S>.jsonl   one line per evaluated document (when log_samples)
-    <out_dir>/summary.json            config, per-key mean / standard error over seeds, limits
+    <out_dir>/summary.json            config, per-key mean / standard error over seeds, limits, subset
     <out_dir>/COMPLETE                written last
+
+Documents: ``harness.limit`` selects, per task, the documents chosen by
+:mod:`apps.bolt.evaluation.subset` (``harness.subset``: stratified by default, or the first N),
+handed to lm-eval as ``samples``; every seed scores the same ones. ``subset`` in the files says
+how many documents of how many each task scored, by which rule and seed, and their indices.
 
 Seeds: each seed sets lm-eval's few-shot sampler seed (exemplar order for ``sampler: default``)
 and the backend's sampling seed. lm-eval's global ``random``/``numpy``/``torch`` seeding is
@@ -17,13 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from apps.bolt.evaluation.harness import BoltLM
 from apps.bolt.evaluation.options import HarnessOptions
 from apps.bolt.evaluation.results import aggregate_seeds, flatten_results
+from apps.bolt.evaluation.subset import describe as describe_subset
+from apps.bolt.evaluation.subset import plan as choose_subsets
+from apps.bolt.evaluation.subset import record as subset_record
+from apps.bolt.evaluation.subset import samples_arg
 from apps.bolt.evaluation.tasks import TaskLibrary
 from lingua.io import atomic_write_json, atomic_write_text, mark_done
 
@@ -40,6 +49,8 @@ class EvalOutcome:
     flat: list[dict[str, float]]
     summary: dict[str, dict[str, Any]]
     limits: list[dict[str, int]]
+    subset: dict[str, Any] = field(default_factory=dict)
+    """Which documents were scored (:func:`apps.bolt.evaluation.subset.record`)."""
 
 
 def _json_safe(obj: Any) -> Any:
@@ -54,7 +65,14 @@ def evaluate_tasks(backend: Any, tasks: Sequence[str], library: TaskLibrary, opt
 
     opts.validate()
     results, samples, flat, limits = [], [], [], []
+    subsets = None
     for seed in opts.seeds:
+        built = library.build(tasks, opts.num_fewshot)
+        if subsets is None:  # the same documents for every seed
+            subsets = choose_subsets(built, opts.limit, rule=opts.subset, seed=opts.subset_seed)
+            chosen = subset_record(subsets, opts.limit, opts.subset, opts.subset_seed)
+            for line in describe_subset(chosen):
+                logger.info("documents: %s", line)
         lm = BoltLM(
             backend,
             max_gen_tokens=opts.max_gen_tokens,
@@ -64,9 +82,10 @@ def evaluate_tasks(backend: Any, tasks: Sequence[str], library: TaskLibrary, opt
         )
         out = lm_eval.simple_evaluate(
             model=lm,
-            tasks=library.build(tasks, opts.num_fewshot),
+            tasks=built,
             task_manager=library.manager,
-            limit=opts.limit,
+            limit=None,  # the subset goes in as samples (lm-eval's limit would take the first N)
+            samples=samples_arg(subsets),
             bootstrap_iters=opts.bootstrap_iters,
             log_samples=opts.log_samples,
             random_seed=None,
@@ -80,11 +99,12 @@ def evaluate_tasks(backend: Any, tasks: Sequence[str], library: TaskLibrary, opt
         res = _json_safe(out)
         res["limits"] = lm.limits.as_dict()
         res["seed"] = seed
+        res["subset"] = chosen
         results.append(res)
         flat.append(flatten_results(res))
         limits.append(lm.limits.as_dict())
         logger.info("seed %d done: %s", seed, ", ".join(f"{k}={v:.4f}" for k, v in flat[-1].items()))
-    return EvalOutcome(list(tasks), results, samples, flat, aggregate_seeds(flat), limits)
+    return EvalOutcome(list(tasks), results, samples, flat, aggregate_seeds(flat), limits, chosen)
 
 
 def write_outcome(out_dir: str | Path, outcome: EvalOutcome, info: dict[str, Any]) -> Path:
@@ -99,7 +119,8 @@ def write_outcome(out_dir: str | Path, outcome: EvalOutcome, info: dict[str, Any
         if smp:
             lines = [json.dumps({"task": t, **s}, ensure_ascii=False) for t in sorted(smp) for s in smp[t]]
             atomic_write_text(out / f"samples_seed{seed}.jsonl", "".join(x + "\n" for x in lines))
-    summary = {**info, "tasks": outcome.tasks, "summary": outcome.summary, "limits": outcome.limits}
+    summary = {**info, "tasks": outcome.tasks, "summary": outcome.summary, "limits": outcome.limits,
+               "subset": outcome.subset}
     path = out / "summary.json"
     atomic_write_json(path, summary)
     mark_done(out, {"eval_id": info.get("eval_id")})
