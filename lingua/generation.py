@@ -62,8 +62,8 @@ class GenerationResult:
     text: str  # decoded generation, cut before a stop string; excludes a stop token id
     token_ids: list[int]  # every generated token, including the one(s) that triggered the stop
     logprobs: list[float]  # log p_model(token) at temperature 1, unfiltered
-    sampled_logprobs: list[float]  # log q(token): the tempered/top-k/top-p distribution (0 if greedy)
-    is_greedy: list[bool]  # token was the argmax of the model distribution
+    sampled_logprobs: list[float]  # log q(token): tempered/top-k/top-p, bans renormalized (0 if greedy)
+    is_greedy: list[bool]  # token was the argmax of the allowed (not banned) tokens
     finish_reason: str  # "stop" or "length"
     stop_reason: str | int | None  # the stop string or stop token id; None for "length"
     prompt_len: int  # prompt tokens fed to the model (after truncation)
@@ -169,6 +169,7 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[GenerationResult]]:
         params.validate()
+        self._check_banned(params)
         results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
         # decoding multiplies a few rows at a time: worth one copy of the weights per call (scoring
         # multiplies whole sequences, where the layout gains little and the copy would dominate
@@ -275,6 +276,24 @@ class Engine:
             )[:, -1]
             self.stats.decode_rows += len(rows)
         return done
+
+    def _check_banned(self, params: SamplingParams) -> None:
+        """Banned ids must be in the vocabulary, leave some token allowed, and never be a stop
+        token (EOS included unless ``ignore_eos``): a banned stop token could never end a sequence."""
+        banned = set(params.banned_token_ids)
+        if not banned:
+            return
+        vocab = self.model.args.vocab_size
+        if max(banned) >= vocab:
+            raise ValueError(f"banned_token_ids {sorted(t for t in banned if t >= vocab)} are outside [0, {vocab})")
+        if len(banned) >= vocab:
+            raise ValueError("banned_token_ids ban the whole vocabulary")
+        both = sorted(banned & self._stop_ids(params))
+        if both:
+            eos = " (EOS is a stop token unless ignore_eos=True)" if self.tokenizer.eos_id in both else ""
+            raise ValueError(
+                f"token ids {both} are both banned and stop tokens{eos}; a banned stop token could never stop"
+            )
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         stops = set(params.stop_token_ids)

@@ -11,11 +11,13 @@ Two ideas keep sampling reproducible and independent of how requests are batched
   and a token can only change across batch compositions if float noise in the logits (different
   matmul blocking for different batch sizes, ~1e-7 relative) moves a CDF boundary across ``u``.
 
-The processed distribution follows vLLM and HF order: temperature, then top-k, then top-p.
+The processed distribution follows vLLM and HF order: temperature, then top-k, then top-p, then
+banned tokens (``SamplingParams.banned_token_ids``) get probability 0 and the rest is renormalized.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -55,6 +57,12 @@ class SamplingParams:
     """Left-truncate longer prompts to this many tokens (a leading BOS is kept); reported per result."""
     add_bos: bool = True
     """Prepend BOS when encoding text prompts (token-id prompts are used as given)."""
+    banned_token_ids: list[int] = field(default_factory=list)
+    """Never generated: these get probability 0 in the distribution actually sampled from, applied
+    after temperature/top-k/top-p (the remaining tokens are renormalized; a row whose filters kept
+    only banned tokens falls back to top-k/top-p over the allowed tokens). Reported
+    ``sampled_logprobs`` are under that renormalized distribution, ``logprobs`` stay the raw
+    model's. Greedy decoding takes the argmax of the allowed tokens. Must not be a stop token."""
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -73,6 +81,12 @@ class SamplingParams:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings must not contain the empty string")
+        bad = [t for t in self.banned_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"banned_token_ids must be ints >= 0, got {bad}")
+        both = sorted(set(self.banned_token_ids) & set(self.stop_token_ids))
+        if both:
+            raise ValueError(f"token ids {both} are both banned and stop tokens; a banned stop token could never stop")
 
     @property
     def greedy(self) -> bool:
@@ -144,27 +158,52 @@ class TokenDraw:
     """One decoding step for a batch of rows (all tensors [B] on the logits' device)."""
 
     tokens: torch.Tensor
-    logprobs: torch.Tensor  # under the raw model distribution (temperature 1, no filtering)
+    logprobs: torch.Tensor  # under the raw model distribution (temperature 1, no filtering, no bans)
     sampled_logprobs: torch.Tensor  # under the distribution actually sampled from (0 for greedy)
-    is_greedy: torch.Tensor  # bool: the token is the raw argmax
+    is_greedy: torch.Tensor  # bool: the token is the argmax of the allowed (not banned) tokens
+
+
+@functools.lru_cache(maxsize=64)
+def _ban_index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The banned ids as a device tensor, built once per (ids, device) rather than per step."""
+    with torch.inference_mode(False):
+        return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None) -> TokenDraw:
     """Pick one token per row of ``logits`` [B, V] and report its log-probabilities.
 
-    ``uniforms`` (float64 [B], from :func:`stream_uniforms`) is ignored when greedy.
+    ``uniforms`` (float64 [B], from :func:`stream_uniforms`) is ignored when greedy. Banned ids
+    (``params.banned_token_ids``, each < V) are never picked, see :class:`SamplingParams`.
     """
     raw = torch.log_softmax(logits.float(), dim=-1)
-    argmax = raw.argmax(dim=-1)
+    ban = _ban_index(tuple(params.banned_token_ids), raw.device) if params.banned_token_ids else None
+    allowed_raw = raw if ban is None else raw.index_fill(1, ban, float("-inf"))
+    argmax = allowed_raw.argmax(dim=-1)
     if params.greedy:
         tokens = argmax
         sampled = torch.zeros_like(argmax, dtype=raw.dtype)
     else:
         if uniforms is None:
             raise ValueError("sampling with temperature > 0 needs one uniform per row")
-        plain = params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0
+        filtered = params.top_k != 0 or params.top_p != 1.0
+        plain = not filtered and params.temperature == 1.0
         proc = raw if plain else processed_logprobs(logits, params.temperature, params.top_k, params.top_p)
-        tokens = sample_inverse_cdf(proc, uniforms)
-        sampled = proc.gather(1, tokens[:, None]).squeeze(1)
+        if ban is None:
+            tokens = sample_inverse_cdf(proc, uniforms)
+            sampled = proc.gather(1, tokens[:, None]).squeeze(1)
+        else:
+            # banned ids at -inf, left unnormalized: the inverse CDF scales by the row's total, and
+            # only the drawn tokens need log q = masked - logsumexp(masked)
+            masked = allowed_raw if plain else proc.index_fill(1, ban, float("-inf"))
+            if filtered:
+                # rows whose filters kept only banned tokens: filter the allowed tokens instead
+                # (torch.where, not a branch on the values: no device -> host sync)
+                fallback = processed_logprobs(
+                    logits.float().index_fill(1, ban, float("-inf")), params.temperature, params.top_k, params.top_p
+                )
+                masked = torch.where(masked.amax(dim=-1, keepdim=True) == float("-inf"), fallback, masked)
+            tokens = sample_inverse_cdf(masked, uniforms)
+            sampled = masked.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(masked, dim=-1)
     lp = raw.gather(1, tokens[:, None]).squeeze(1)
     return TokenDraw(tokens=tokens, logprobs=lp, sampled_logprobs=sampled, is_greedy=tokens == argmax)

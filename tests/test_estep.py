@@ -100,19 +100,25 @@ def test_estep_outputs_and_weights_match_full_forward(world, tmp_path):
     # the sampled ids (random bytes need not be valid UTF-8, so redraw them with the same seed)
     from lingua.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=12, stop_token_ids=[tok.special_ids[EOL]], ignore_eos=True, n=4, seed=42)
+    # latents never contain the markers, BOS or EOS (posterior.ban_special_tokens, on by default)
+    banned = sorted([tok.special_ids[s] for s in (SOL, PRIOR, POST)] + [tok.bos_id, tok.eos_id])
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=[tok.special_ids[EOL]], ignore_eos=True, n=4, seed=42,
+                            banned_token_ids=banned)
     gen = Engine(model, tok).generate([prompt], params)[0][c["selected"]].token_ids
     joint_ctx = tok.encode(prefix, add_bos=True)
     joint_cont = tok.encode(SOL + PRIOR + latent + EOL + c["suffix"])
 
-    def lp(ctx, cont):
+    def lp(ctx, cont, banned=()):
         ids = torch.tensor([ctx + cont])
         with torch.no_grad():
-            logits = model(ids).log_softmax(-1)[0]
+            logits = model(ids)[0]
+        logits[:, list(banned)] = float("-inf")  # q is renormalized over the allowed tokens
+        logits = logits.log_softmax(-1)
         return sum(float(logits[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
 
+    assert not set(gen) & set(banned)
     assert tok.decode([t for t in gen if t != tok.special_ids[EOL]]) == latent
-    expected = lp(joint_ctx, joint_cont) - lp(prompt, gen)
+    expected = lp(joint_ctx, joint_cont) - lp(prompt, gen, banned)
     assert c["log_w"][c["selected"]] == pytest.approx(expected, abs=2e-3)
 
 

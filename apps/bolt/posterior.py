@@ -5,6 +5,8 @@ For each chunk (prefix X_<, suffix X) and a model serving both layouts:
 1. sample K latents from the posterior layout ``{prefix}<SoL><EoL>{suffix}<SoL><POST>``, stopping
    at ``<EoL>``; ``log q(Z|X)`` is the sum of the sampled tokens' log-probs under the distribution
    actually sampled from (temperature/top-k/top-p applied), the ``<EoL>`` stop token included;
+   the markers ``<SoL>``, ``<PRIOR>``, ``<POST>`` and the tokenizer's BOS/EOS are banned inside a
+   latent (``ban_special_tokens``), so q is renormalized over the other tokens;
 2. score ``log p(Z, X | X_<)`` as the log-prob of ``<SoL><PRIOR>{Z}<EoL>{suffix}`` after the
    prefix, counting the opening ``<SoL>`` (the reference skips it by an off-by-one). The K joint
    texts of one chunk share their context, so the backend prefills the prefix once for all K;
@@ -32,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from apps.bolt import importance as imp
-from apps.bolt.formats import EOL, estep_prompt, joint_text
+from apps.bolt.formats import EOL, POST, PRIOR, SOL, estep_prompt, joint_text
 from lingua.generation import GenerationBackend
 from lingua.sample_store import SampleStore, make_key
 from lingua.sampling import SamplingParams
@@ -54,6 +56,11 @@ class PosteriorArgs:
     elbo_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     """n of the reported ELBO_n (those above num_samples are skipped)."""
     seed: int = 42
+    ban_special_tokens: bool = True
+    """Never sample <SoL>, <PRIOR>, <POST>, BOS or EOS inside a latent (probability 0, the rest
+    renormalized, so log q stays exact); only <EoL>, which ends the thought, stays allowed. Without
+    it a sampled thought can open a nested latent and carry markers into the training data; false
+    reproduces the old unrestricted sampling (and its cache keys)."""
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -141,6 +148,7 @@ class PosteriorSampler:
         if EOL not in getattr(tok, "special_ids", {}):
             raise ValueError(f"the model's tokenizer has no {EOL} token; was it trained with latent tokens?")
         self.eol_id = tok.special_ids[EOL]
+        self.banned_ids = self._banned_ids(tok) if args.ban_special_tokens else []
         self.max_ctx = args.max_context_tokens or backend.max_seq_len
         if self.max_ctx <= args.max_latent_tokens + 8:
             raise ValueError(
@@ -148,6 +156,14 @@ class PosteriorSampler:
                 f"{args.max_latent_tokens}; lower posterior.max_latent_tokens"
             )
         self.stats = PosteriorStats()
+
+    def _banned_ids(self, tok) -> list[int]:
+        """Sorted ids a latent may not contain: SoL/PRIOR/POST and BOS/EOS where the tokenizer has
+        them; never the stop token EoL."""
+        ids = {tok.special_ids[s] for s in (SOL, PRIOR, POST) if s in tok.special_ids}
+        ids |= {i for i in (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)) if i is not None and i >= 0}
+        ids.discard(self.eol_id)
+        return sorted(ids)
 
     # -- step 0: fit the prompt -------------------------------------------------------------
     def _fit(self, c: ChunkInput) -> tuple[str, str, int, int, int]:
@@ -181,6 +197,8 @@ class PosteriorSampler:
         return make_key(
             kind="posterior", model=self.fp, prompt=prompt, temperature=a.temperature, top_p=a.top_p,
             top_k=a.top_k, max_latent_tokens=a.max_latent_tokens, max_ctx=self.max_ctx, seed=a.seed,
+            # only when set, so unbanned runs keep the keys of caches written before bans existed
+            **({"banned_token_ids": self.banned_ids} if self.banned_ids else {}),
         )
 
     # -- step 1: samples (cached, topped up) -------------------------------------------------
@@ -200,6 +218,7 @@ class PosteriorSampler:
                 temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k,
                 max_new_tokens=self.args.max_latent_tokens, stop_token_ids=[self.eol_id], ignore_eos=True,
                 n=k - offset, sample_offset=offset, seed=self.args.seed, add_bos=True,
+                banned_token_ids=list(self.banned_ids),
             )
             results = self.backend.generate([prompts[i] for i in rows], params)
             new_items = []
