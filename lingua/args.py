@@ -61,8 +61,8 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         if isinstance(v, _Replace):
             out[k] = dict(v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict):  # into the section below, or a new one (no _Replace left inside)
+            out[k] = _deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v)
         else:
             out[k] = v
     return out

@@ -167,3 +167,22 @@ def test_mapping_override_replaces_the_yaml_mapping(tmp_path):
     assert load_config(Outer, y, ["data.sources={latent: 1.0}"]).data.sources == {"latent": 1.0}
     assert load_config(Outer, y, ["data.sources.more=2.0"]).data.sources == {"train": 1.0, "extra": 0.5, "more": 2.0}
     assert load_config(Outer, y, ["data={batch: 8}"]).data.batch == 8
+
+
+@dataclass
+class _OnlySources:
+    sources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _WithSection:
+    name: str = ""
+    data: _OnlySources = field(default_factory=_OnlySources)
+
+
+def test_a_mapping_override_into_a_section_the_yaml_lacks(tmp_path):
+    """``data.sources={a: 1.0}`` on the command line when the YAML has no ``data:`` section."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("name: x\n")
+    cfg = load_config(_WithSection, str(yml), ["data.sources={a: 1.0, b: 2.0}"])
+    assert cfg.data.sources == {"a": 1.0, "b": 2.0}
