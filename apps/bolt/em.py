@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from apps.bolt.em_exec import EXECUTORS, SlurmArgs, build_stages, final_consolidated
+from apps.bolt.em_exec import EXECUTORS, LocalArgs, SlurmArgs, build_stages, final_consolidated
 from lingua.args import cli_config, dump_config, load_config
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
@@ -97,6 +97,9 @@ class EMArgs:
     executor: str = "local"
     """``local``: every stage in this process; ``slurm``: heavy stages as jobs (see ``slurm``)."""
     slurm: SlurmArgs = field(default_factory=SlurmArgs)
+    local: LocalArgs = field(default_factory=LocalArgs)
+    """With ``executor: local``: the E-step as ``local.estep_procs`` parallel shard processes (0:
+    one per CPU core; 1: in this process), merged as on a cluster (:mod:`apps.bolt.em_exec`)."""
     prepare: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/prepare_synthetic.yaml"))
     teacher: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/gen_oracle_warmstart.yaml"))
     train: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/train_em_synthetic.yaml"))
@@ -128,7 +131,7 @@ class EMDriver:
         self.runs = self.root / "runs"
         self.ledger = self.root / "stages.jsonl"
         self.tokenizer_overrides: list[str] = []
-        self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs)
+        self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local)
         self._ledger_lock = threading.Lock()
 
     # -- bookkeeping --------------------------------------------------------------------------
