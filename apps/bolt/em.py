@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from apps.bolt.base_model import BaseArgs
 from apps.bolt.em_exec import EXECUTORS, LocalArgs, SlurmArgs, build_stages, final_consolidated
 from lingua.args import cli_config, dump_config, load_config
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
@@ -67,11 +68,25 @@ class EMArgs:
     """Packed training tokens of the warmstart run (the reference: 0.8e9)."""
     mstep_tokens: int = 400_000
     """Packed training tokens of each M-step run (the reference: 13e9)."""
+    warmstart_epochs: float = 0.0
+    """When > 0: the warmstart budget is this many passes over the teacher's latent data, measured
+    in packed tokens (``random`` layout, this run's tokenizer); overrides ``warmstart_tokens``."""
+    mstep_epochs: float = 0.0
+    """When > 0: each M-step's budget is this many passes over its own E-step's latent data (the
+    reference: about 2), measured like ``warmstart_epochs``; overrides ``mstep_tokens``. The raw
+    baselines then get the same number of passes over the raw bootstrap text (token-matched) and
+    the iteration-1 M-step's budget (FLOP-matched). Budgets are recorded in ``budgets.json``."""
     mstep_init: str = "base"
     """base: every M-step starts from the base initialization (the reference); previous: from the
     previous iteration's model."""
     base_ckpt: str = ""
     """Consolidated base model (e.g. imported TinyLlama); empty: a fresh seeded initialization."""
+    base: BaseArgs = field(default_factory=BaseArgs)
+    """Pretrain a base model once (cached across experiments) and start every run from it: the
+    TinyLlama analog of the synthetic world (:mod:`apps.bolt.base_model`). Off when tokens is 0."""
+    warmstart_trials: int = 0
+    """Warmstart runs to train (seeds 0..n-1); 0: ``trials``. The E-steps use trial 0's, so 1
+    saves the other trials' cost when the warmstart's own spread is not wanted."""
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     k_ablation: list[int] = field(default_factory=list)
     """Extra iteration-1 E-step + M-step with these K (e.g. [1])."""
@@ -116,6 +131,13 @@ class EMArgs:
             raise ValueError(f"unknown baselines {sorted(unknown)}; known: {BASELINES}")
         if self.warmstart_tokens <= 0 or self.mstep_tokens <= 0:
             raise ValueError("warmstart_tokens and mstep_tokens must be positive")
+        if self.warmstart_epochs < 0 or self.mstep_epochs < 0:
+            raise ValueError("warmstart_epochs and mstep_epochs must be >= 0 (0: use the token budgets)")
+        if not 0 <= self.warmstart_trials <= self.trials:
+            raise ValueError(f"warmstart_trials must be in 0..trials ({self.trials}), got {self.warmstart_trials}")
+        self.base.validate()
+        if self.base.tokens and self.base_ckpt and not Path(self.base_ckpt).exists():
+            raise ValueError(f"base_ckpt {self.base_ckpt} does not exist")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
 
@@ -131,6 +153,7 @@ class EMDriver:
         self.runs = self.root / "runs"
         self.ledger = self.root / "stages.jsonl"
         self.tokenizer_overrides: list[str] = []
+        self.base_init = cfg.base_ckpt
         self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local)
         self._ledger_lock = threading.Lock()
 
@@ -207,6 +230,33 @@ class EMDriver:
 
         self._stage(f"subset:{self.bootstrap_name}", lambda: is_done(out), work)
 
+    def base(self) -> str:
+        """The initialization of every run: the pretrained base when ``base.tokens`` > 0 (trained
+        once into the cache, :mod:`apps.bolt.base_model`), else ``base_ckpt`` ("" = fresh)."""
+        from apps.bolt import base_model
+
+        b, init = self.cfg.base, self.cfg.base_ckpt
+        if not b.tokens:
+            return init
+        tcfg = self.train_config("base", dict(b.sources), "raw", b.tokens, b.seed, init, run_dir=Path("unused"),
+                                 extra=b.overrides)
+        r = base_model.recipe(tcfg, {s: _stamp(self.data / s) for s in sorted(b.sources)}, _stamp(Path(init)) if init else None)
+        missing = [s for s, stamp in r["data"].items() if stamp is None]
+        if missing:
+            raise RuntimeError(f"base.sources {missing} are not complete datasets of {self.data}; add them to the prepare config")
+        folder = base_model.base_folder(b.cache_dir, r)
+
+        def train(run_dir: Path) -> tuple[Path, dict]:
+            cfg = self.train_config("base", dict(b.sources), "raw", b.tokens, b.seed, init, run_dir=run_dir, extra=b.overrides)
+            self.stages.train("base", cfg, "train")
+            return final_consolidated(run_dir)
+
+        out: list[Path] = []
+        self._stage("base", lambda: base_model.cached_base(folder, r) is not None,
+                    lambda: out.append(base_model.get_base(folder, r, train)))
+        atomic_write_json(self.root / "base.json", {"folder": str(folder), "recipe_hash": base_model.recipe_hash(r)})
+        return str(out[0] if out else base_model.cached_base(folder, r))
+
     def teacher(self) -> None:
         from apps.bolt import gen_latents
 
@@ -217,18 +267,22 @@ class EMDriver:
         )
         self._stage("teacher", lambda: is_done(out), lambda: self.stages.teacher(tcfg))
 
-    def train_config(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = ""):
-        """The resolved config of one training run (warmstart, M-step or baseline)."""
+    def train_config(self, name: str, source: str | dict[str, float], layout: str, tokens: int, seed: int,
+                     init: str = "", run_dir: Path | None = None, extra: list[str] = ()):
+        """The resolved config of one training run (warmstart, M-step, baseline or base); ``source``:
+        a dataset of ``DUMP/data`` or a dict of datasets and weights."""
         from apps.bolt.train import BoltTrainArgs
 
-        run_dir = self.runs / name
+        run_dir = run_dir or self.runs / name
+        sources = {source: 1.0} if isinstance(source, str) else source
         overrides = [
             *self.cfg.train.overrides,
+            *extra,
             *self.tokenizer_overrides,
             f"name={name}",
             f"dump_dir={run_dir}",
             f"data.root_dir={self.data}",
-            f"data.sources={{{source}: 1.0}}",
+            f"data.sources={json.dumps(sources)}",
             f"layout.name={layout}",
             f"num_tokens={tokens}",
             f"seed={seed}",
@@ -291,6 +345,7 @@ class EMDriver:
             name=name, ckpt=str(ckpt), latent=latent, out=str(self.root / "evals" / name), tasks=tasks,
             val_dir=str(self.data / "validation"), val_docs=c.eval_val_docs, elbo_docs=c.eval_elbo_docs,
             max_latent_tokens=self.estep_config("eval", ckpt).posterior.max_latent_tokens, device=c.device,
+            chunk=self.estep_config("eval", ckpt).chunk,
         )
         cfg.validate()
         return cfg
@@ -303,13 +358,34 @@ class EMDriver:
         return json.loads((Path(ecfg.out) / RESULT).read_text())
 
     # -- the loop -----------------------------------------------------------------------------
+    def budget(self, latents: str, epochs: float, tokens: int) -> int:
+        """Training tokens on the latent dataset ``latents``: ``epochs`` passes over it (measured,
+        recorded in ``budgets.json``) when ``epochs`` > 0, else ``tokens``."""
+        if epochs <= 0:
+            return tokens
+        from apps.bolt.em_report import raw_fraction
+
+        path = self.root / "budgets.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        stamp = _stamp(self.data / latents)
+        entry = known.get(latents)
+        if entry is None or entry.get("stamp") != stamp or entry.get("epochs") != epochs:
+            share = raw_fraction(self, self.data / latents)
+            entry = {"stamp": stamp, "epochs": epochs, "packed_tokens_per_epoch": share["packed_tokens"],
+                     "raw_tokens_per_epoch": share["raw_tokens"], "tokens": int(round(epochs * share["packed_tokens"]))}
+            known[latents] = entry
+            atomic_write_json(path, known)
+            logger.info("[em] budget for %s: %.2f epochs of %d packed tokens = %d tokens", latents, epochs,
+                        share["packed_tokens"], entry["tokens"])
+        return entry["tokens"]
+
     def init_for(self, trial: int, previous: Path | None) -> str:
         if self.cfg.mstep_init == "previous" and previous is not None:
             return str(previous)
-        return self.cfg.base_ckpt
+        return self.base_init
 
     def trials(self, group: str, iteration: int | None, k: int | None, name: str, source: str, layout: str,
-               tokens: int, init: Callable[[int], str]) -> tuple[list[Path], list[dict]]:
+               tokens: int, init: Callable[[int], str], n: int | None = None) -> tuple[list[Path], list[dict]]:
         """Train and evaluate one model per trial (seed); returns their folders and result rows.
         With the slurm executor the trials run concurrently, each trial's jobs one after another."""
         latent = layout != "raw"
@@ -320,7 +396,7 @@ class EMDriver:
             res = self.evaluate(run_name, ck, latent)
             return ck, {"group": group, "iteration": iteration, "k": k, "trial": t, "run": run_name, **res}
 
-        done = self.concurrently([lambda t=t: one(t) for t in range(self.cfg.trials)])
+        done = self.concurrently([lambda t=t: one(t) for t in range(n or self.cfg.trials)])
         return [ck for ck, _ in done], [row for _, row in done]
 
     def concurrently(self, works: list[Callable[[], Any]]) -> list[Any]:
@@ -366,27 +442,33 @@ class EMDriver:
         self.tokenizer()
         self.bootstrap()
         self.teacher()
-        warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random", c.warmstart_tokens,
-                                 lambda t: c.base_ckpt)
+        self.base_init = base = self.base()
+        warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random",
+                                 self.budget("warmstart_latents", c.warmstart_epochs, c.warmstart_tokens),
+                                 lambda t: base, c.warmstart_trials or c.trials)
         previous = warm
         k_main = self.estep_config("main", "unused").posterior.num_samples
         for it in range(1, c.iterations + 1):
             latents = self.estep_run(f"iter{it}", previous[0])
             before = previous
-            previous, new = self.trials("bootstrap", it, k_main, f"iter{it}", latents.name, "random", c.mstep_tokens,
-                                        lambda t: self.init_for(t, before[t]))
+            previous, new = self.trials("bootstrap", it, k_main, f"iter{it}", latents.name, "random",
+                                        self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
+                                        lambda t: self.init_for(t, before[min(t, len(before) - 1)]))
             rows += new
         for k in c.k_ablation:
             latents = self.estep_run(f"iter1_k{k}", warm[0], [f"posterior.num_samples={k}",
                                      f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
-            rows += self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random", c.mstep_tokens,
-                                lambda t: c.base_ckpt)[1]
+            rows += self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random",
+                                self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
+                                lambda t: base)[1]
         if c.baselines:
-            share = raw_fraction(self, self.data / ("iter1_latents" if c.iterations else "warmstart_latents"))
-            budgets = {"raw_token_match": int(c.mstep_tokens * share["raw_fraction"]), "raw_flops_match": c.mstep_tokens}
+            ref = "iter1_latents" if c.iterations else "warmstart_latents"
+            share = raw_fraction(self, self.data / ref)
+            mstep = self.budget(ref, c.mstep_epochs, c.mstep_tokens)
+            budgets = {"raw_token_match": int(mstep * share["raw_fraction"]), "raw_flops_match": mstep}
             atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
             per_baseline = self.concurrently([
-                lambda b=b: self.trials(b, None, None, b, self.bootstrap_name, "raw", budgets[b], lambda t: c.base_ckpt)[1]
+                lambda b=b: self.trials(b, None, None, b, self.bootstrap_name, "raw", budgets[b], lambda t: base)[1]
                 for b in c.baselines
             ])
             rows += [row for group in per_baseline for row in group]

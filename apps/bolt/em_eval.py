@@ -17,8 +17,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from apps.bolt.chunking import ChunkArgs
 from apps.bolt.eval import EvalArgs
 from lingua.args import cli_config, dump_config
 from lingua.io import atomic_write_json, is_done, mark_done
@@ -26,6 +27,7 @@ from lingua.io import atomic_write_json, is_done, mark_done
 logger = logging.getLogger("apps.bolt.em")
 
 ACCURACY = "accuracy"
+THOUGHT = "thought_correct"
 NLL = "val_nll_per_token"
 RESULT = "result.json"
 
@@ -50,6 +52,10 @@ class ModelEvalArgs:
     elbo_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     max_latent_tokens: int = 1024
     """Latent length limit of the ELBO's posterior samples (the E-step's)."""
+    chunk: Optional[ChunkArgs] = None
+    """Chunking of the held-out ELBO; the EM driver passes the E-step's, so the bound is taken on
+    the chunks the models train and infer on. None: uniform chunks of the reference's size with
+    the whole previous text as prefix (the reference's ELBO evaluation)."""
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -77,6 +83,34 @@ def task_accuracy(summary: dict, tasks: list[str]) -> dict[str, float]:
     return out
 
 
+def sample_stats(out_dir: Path) -> dict[str, Any]:
+    """From the logged samples of the first seed: ``n_problems`` (documents scored, the n of the
+    accuracy's binomial standard error) and, for tasks whose documents carry their true thought
+    (a ``latent`` field, as the synthetic world's do), ``thought_correct``: the share of latent
+    generations whose thought (the text before the first ``<|END_OF_LATENT|>``) equals it up to
+    whitespace; a thought never closed counts as wrong."""
+    from apps.bolt.formats import split_latent_generation
+
+    files = sorted(out_dir.glob("samples_seed*.jsonl"))
+    if not files:
+        return {}
+    n, grades = 0, []
+    with open(files[0], encoding="utf-8") as f:
+        for line in f:
+            s = json.loads(line)
+            n += 1
+            doc, resps = s.get("doc") or {}, s.get("resps") or []
+            if not isinstance(doc.get("latent"), str) or not resps or "latent" not in str(s.get("task", "")):
+                continue
+            gen = resps[0][0] if isinstance(resps[0], list) else resps[0]
+            thought, _ = split_latent_generation(gen)
+            grades.append(thought is not None and " ".join(thought.split()) == " ".join(doc["latent"].split()))
+    out: dict[str, Any] = {"n_problems": n}
+    if grades:
+        out[THOUGHT] = sum(grades) / len(grades)
+    return out
+
+
 def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
     """Compute one model's metrics (see the module docstring)."""
     from apps.bolt import eval as eval_stage
@@ -87,19 +121,22 @@ def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
 
     model, tok = load_consolidated(cfg.ckpt, device=cfg.device)
     engine = Engine(model, tok, max_batch_tokens=cfg.tasks.max_batch_tokens)
+    if not cfg.tasks.out_dir:
+        cfg.tasks.out_dir = str(Path(cfg.out) / "tasks")
     summary = eval_stage.run(cfg.tasks, backend=engine)
     by_task = task_accuracy(summary, cfg.tasks.task_list())
     out: dict[str, Any] = {
         "ckpt": cfg.ckpt, "variant": summary.get("variant"),
         ACCURACY: sum(by_task.values()) / len(by_task), "accuracy_by_task": by_task,
     }
+    out.update(sample_stats(Path(cfg.tasks.out_dir)))
     docs = load_documents(Path(cfg.val_dir), cfg.val_docs)
     nll = ValidationNLL(docs, tok, source="validation").compute(engine)
     out[NLL] = nll["val/validation/nll_per_token"]
     out["val_nll_per_char"] = nll["val/validation/nll_per_char"]
     if cfg.latent and cfg.elbo_docs:
         elbo = compute_elbo(engine, docs[: cfg.elbo_docs], num_samples=cfg.elbo_samples, seed=0,
-                            max_latent_tokens=cfg.max_latent_tokens)
+                            max_latent_tokens=cfg.max_latent_tokens, chunk=cfg.chunk)
         out.update({k: v for k, v in elbo.items() if k.endswith("per_token")})
     logger.info("[em] eval %s: %s", cfg.name, {k: v for k, v in out.items() if k != "ckpt"})
     return out

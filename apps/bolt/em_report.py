@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apps.bolt.em_eval import ACCURACY, NLL
+from apps.bolt.em_eval import ACCURACY, NLL, THOUGHT
 from lingua.io import atomic_write_json, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,9 +21,11 @@ logger = logging.getLogger("apps.bolt.em")
 ELBO = "elbo_4_per_token"
 
 
-def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int = 2000) -> dict[str, float]:
+
+def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
     """Share of raw-text tokens in the packed latent training stream (``random`` layout, BOS/EOS
-    counted as in packing), measured on the latent dataset with a fixed seed. The paper's
+    counted as in packing), measured on the latent dataset (all of it unless ``max_docs``) with a
+    fixed seed; also the totals (``raw_tokens``, ``packed_tokens``: one epoch). The paper's
     latent/raw token ratio is about 3.3 (a raw share of about 0.3)."""
     from apps.bolt.formats import make_layout, raw_text
     from lingua.tokenizer import build_tokenizer
@@ -41,13 +43,14 @@ def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int = 2000) ->
             raw += len(tok.encode(raw_text(rec))) + 2
             packed += len(tok.encode(text)) + 2
             n += 1
-            if n >= max_docs:
+            if max_docs is not None and n >= max_docs:
                 break
-        if n >= max_docs:
+        if max_docs is not None and n >= max_docs:
             break
     if not packed:
         raise ValueError(f"no documents in {latents_dir} to measure the raw share")
-    return {"raw_fraction": raw / packed, "latent_to_raw_ratio": packed / raw, "docs_measured": n}
+    return {"raw_fraction": raw / packed, "latent_to_raw_ratio": packed / raw, "docs_measured": n,
+            "raw_tokens": raw, "packed_tokens": packed}
 
 
 # ------------------------------------------------------------------------------ the report
@@ -62,19 +65,53 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     return mean, se
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One line per (group, iteration, K): mean and standard error over trials."""
+def latents_of(group: str, iteration: int | None, k: int | None) -> str | None:
+    """The E-step dataset a model of this row was trained on (None: teacher data or raw)."""
+    if group == "bootstrap":
+        return f"iter{iteration}_latents"
+    if group.startswith("ablation_k"):
+        return f"iter1_k{k}_latents"
+    return None
+
+
+def estep_quality(data: Path) -> dict[str, dict]:
+    """Latent quality of every E-step of the run (its lineage's ``quality``), by dataset name."""
+    out = {}
+    for lineage in sorted(data.glob("*_latents/lineage.json")):
+        q = json.loads(lineage.read_text()).get("quality")
+        if q:
+            out[lineage.parent.name] = {k: v for k, v in q.items() if k != "tally"}
+    return out
+
+
+def binomial_se(p: float, n: int) -> float:
+    return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
+
+
+def aggregate(rows: list[dict], quality: dict[str, dict] | None = None) -> list[dict]:
+    """One line per (group, iteration, K): mean and standard error over trials (with one trial,
+    the accuracy's SE is the binomial one over the evaluated problems, ``accuracy_se_kind``),
+    plus the quality of the thoughts the model was trained on, where measured."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["group"], r["iteration"], r["k"]), []).append(r)
     out = []
     for (group, it, k), rs in groups.items():
         line: dict[str, Any] = {"group": group, "iteration": it, "k": k, "trials": len(rs)}
-        for metric in (ACCURACY, NLL, "elbo_1_per_token", ELBO):
+        for metric in (ACCURACY, NLL, "elbo_1_per_token", ELBO, THOUGHT):
             mean, se = _mean_se([r.get(metric) for r in rs])
             if mean is not None:
                 line[metric] = mean
                 line[f"{metric}_se"] = se
+        n = rs[0].get("n_problems")
+        if len(rs) == 1 and n and ACCURACY in line:
+            line[f"{ACCURACY}_se"] = binomial_se(line[ACCURACY], n)
+            line[f"{ACCURACY}_se_kind"] = f"binomial, n={n}"
+        elif len(rs) > 1:
+            line[f"{ACCURACY}_se_kind"] = f"over {len(rs)} trials"
+        name = latents_of(group, it, k)
+        if quality and name in quality:
+            line["trained_on"] = {"latents": name, **quality[name]}
         out.append(line)
     return out
 
@@ -86,12 +123,22 @@ def _fmt(line: dict, key: str, digits: int = 3) -> str:
     return f"{line[key]:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
+def _trained_on(line: dict) -> tuple[str, str]:
+    """(correct share of the thoughts it trained on, SIR vs uniform pick) or dashes."""
+    q = line.get("trained_on")
+    if not q or q.get("selected_correct") is None:
+        return ("oracle", "-") if line["group"] == "warmstart" else ("-", "-")
+    sel = q["selector"]
+    return f"{q['selected_correct']:.3f}", f"{sel['sir']:.3f} / {sel['uniform']:.3f}"
+
+
 def format_table(lines: list[dict]) -> str:
-    header = ("model", "iter", "K", "trials", "accuracy", "val NLL/token", "ELBO-4/token")
+    header = ("model", "iter", "K", "trials", "accuracy", "thoughts right (eval)", "trained on: thoughts right",
+              "SIR / uniform", "val NLL/token", "ELBO-4/token")
     body = [
         (
             ln["group"], "-" if ln["iteration"] is None else str(ln["iteration"]), "-" if ln["k"] is None else str(ln["k"]),
-            str(ln["trials"]), _fmt(ln, ACCURACY), _fmt(ln, NLL), _fmt(ln, ELBO),
+            str(ln["trials"]), _fmt(ln, ACCURACY), _fmt(ln, THOUGHT), *_trained_on(ln), _fmt(ln, NLL), _fmt(ln, ELBO),
         )
         for ln in lines
     ]
@@ -102,7 +149,8 @@ def format_table(lines: list[dict]) -> str:
 
 
 def write_report(driver: "EMDriver", rows: list[dict]) -> dict:
-    lines = aggregate(rows)
+    quality = estep_quality(driver.data)
+    lines = aggregate(rows, quality)
     table = format_table(lines)
     budgets_file = driver.root / "baseline_budgets.json"
     result = {
@@ -110,6 +158,7 @@ def write_report(driver: "EMDriver", rows: list[dict]) -> dict:
         "rows": rows,
         "summary": lines,
         "baseline_budgets": json.loads(budgets_file.read_text()) if budgets_file.is_file() else None,
+        "estep_quality": quality,
         "stage_seconds": driver.stage_seconds(),
     }
     atomic_write_json(driver.root / "results.json", result)
