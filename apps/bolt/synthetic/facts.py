@@ -34,34 +34,58 @@ corpus uses 0, the evaluation splits 1-3)."""
 
 TITLES = ("Arithmetic drill {n}", "Facts to know, set {n}", "Mental math {n}", "Times and sums {n}")
 
+# Reading drills: a phrase that names two numbers and an operation, then the equation it means.
+# The phrasings are generic (none is a sentence of the world's templates); what they teach is
+# to find numbers in text and put them in the right order in an equation, which a pretrained LM
+# brings to its first thoughts and a fresh toy model has to learn from the thoughts themselves.
+PHRASES = {
+    "+": ("Put {b} with {a}", "Add {a} and {b}", "{b} more than {a}", "Start at {a} and count on {b}"),
+    "-": ("Take {b} from {a}", "{a} minus {b}", "{b} less than {a}", "From {a}, remove {b}"),
+    "*": ("{a} groups of {b}", "Multiply {a} by {b}", "{a} rows of {b}", "{b} taken {a} times"),
+    "/": ("Share {a} among {b}", "Divide {a} by {b}", "Split {a} into {b} equal parts", "How many {b}s are in {a}"),
+}
 
-def fact_lines(index: int, seed: int, args: WorldArgs, facts: int) -> list[str]:
-    """The ``facts`` lines of drill ``index``: steps of fresh training problems, shuffled."""
+
+def fact_lines(index: int, seed: int, args: WorldArgs, facts: int, words: float = 0.0) -> list[str]:
+    """The ``facts`` lines of drill ``index``: steps of fresh training problems, shuffled; a share
+    ``words`` of them written as reading drills ("Take 5 from 31: 31 - 5 = 26.")."""
     rng = stream(seed, FACTS_STREAM, index)
-    lines: list[str] = []
-    while len(lines) < facts:
-        lines.extend(step.text() for step in sample_problem(rng, args).steps)
-    lines = lines[:facts]
-    order = rng.permutation(len(lines))
-    return [lines[i] for i in order]
+    steps = []
+    while len(steps) < facts:
+        steps.extend(sample_problem(rng, args).steps)
+    steps = steps[:facts]
+    order = rng.permutation(len(steps))
+    lines = []
+    for i in order:
+        step = steps[i]
+        if words > 0 and rng.random() < words:
+            phrase = PHRASES[step.op][int(rng.integers(len(PHRASES[step.op])))].format(a=step.a, b=step.b)
+            lines.append(f"{phrase}: {step.text()}")
+        else:
+            lines.append(step.text())
+    return lines
 
 
-def generate_drill(index: int, seed: int, args: WorldArgs, min_facts: int = 12, max_facts: int = 24) -> dict:
+def generate_drill(index: int, seed: int, args: WorldArgs, min_facts: int = 12, max_facts: int = 24,
+                   words: float = 0.0) -> dict:
     """Drill document ``index`` (``{"id", "text", "source", "seed", "facts"}``)."""
     rng = stream(seed, FACTS_STREAM + 1, index)  # title and length: a stream apart from the facts
     title = TITLES[int(rng.integers(len(TITLES)))].format(n=int(rng.integers(1, 100)))
-    lines = fact_lines(index, seed, args, int(rng.integers(min_facts, max_facts + 1)))
+    lines = fact_lines(index, seed, args, int(rng.integers(min_facts, max_facts + 1)), words)
     return {"id": f"drill-{seed}-{index:07d}", "text": title + "\n\n" + "\n".join(lines), "source": "synthetic_drill",
             "seed": seed, "facts": len(lines)}
 
 
 def generate_drills(num_docs: int, seed: int = 0, *, start: int = 0, min_facts: int = 12, max_facts: int = 24,
-                    args: WorldArgs | None = None, **knobs) -> Iterator[dict]:
+                    words: float = 0.0, args: WorldArgs | None = None, **knobs) -> Iterator[dict]:
     """Drill documents ``start .. start + num_docs - 1`` (a ``source.generator`` for prepare);
-    ``knobs`` are the world's difficulty knobs (:class:`~apps.bolt.synthetic.corpus.WorldArgs`),
-    which must match the corpus's so the drills teach the arithmetic the corpus uses."""
+    ``words``: share of lines written as reading drills (:data:`PHRASES`); ``knobs`` are the
+    world's difficulty knobs (:class:`~apps.bolt.synthetic.corpus.WorldArgs`), which must match
+    the corpus's so the drills teach the arithmetic the corpus uses."""
     if not 1 <= min_facts <= max_facts:
         raise ValueError(f"need 1 <= min_facts <= max_facts, got {min_facts}, {max_facts}")
+    if not 0.0 <= words <= 1.0:
+        raise ValueError(f"words must be in [0, 1], got {words}")
     world = make_world_args(args, **knobs)
     for index in range(start, start + num_docs):
-        yield generate_drill(index, seed, world, min_facts, max_facts)
+        yield generate_drill(index, seed, world, min_facts, max_facts, words)
