@@ -11,6 +11,7 @@ from lingua.args import load_config
 
 TINY = [
     "name=tiny",
+    "local.jobs=1",  # stages one after another in this process (tests/test_em_parallel.py: jobs=2)
     "warmstart_tokens=4096",
     "mstep_tokens=6144",
     "iterations=1",

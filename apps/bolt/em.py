@@ -22,11 +22,14 @@ resumes from its last checkpoint):
    models; :mod:`apps.bolt.em_eval`) and the results table (``results.json``, ``results.md``)
    and plot (``accuracy.png``).
 
-``executor: local`` (the default) runs every stage in this process. ``executor: slurm`` submits
-the heavy ones (training, E-step shards, evaluation, optionally the teacher) as slurm jobs with
+``executor: local`` (the default) runs every stage on this machine, ``local.jobs`` heavy processes
+at once (:mod:`apps.bolt.em_local`; 1: one after another in this process). ``executor: slurm``
+submits the heavy ones (training, E-step shards, evaluation, optionally the teacher) as jobs with
 the resources of the ``slurm`` section, waits for them, and reads their outputs from disk; a
 rerun re-attaches to jobs still running instead of submitting them again (:mod:`apps.bolt.em_exec`,
-docs/cluster.md). Prepare, the E-step merge, budgets and the report always run here.
+docs/cluster.md). Prepare, the E-step merge, budgets and the report always run here. Run
+concurrently (slurm, ``local.jobs`` > 1): a group's trials; the K ablations (after the warmstart)
+and the raw baselines (after iteration 1's E-step) beside the iterations.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from apps.bolt.base_model import BaseArgs
-from apps.bolt.em_exec import EXECUTORS, LocalArgs, SlurmArgs, build_stages, final_consolidated
+from apps.bolt.em_exec import EXECUTORS, Branches, LocalArgs, SlurmArgs, build_stages, final_consolidated
 from lingua.args import cli_config, dump_config, load_config
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
@@ -110,11 +113,12 @@ class EMArgs:
     device: str = "cpu"
     """Device of the models in the stages (in the jobs, with ``executor: slurm``)."""
     executor: str = "local"
-    """``local``: every stage in this process; ``slurm``: heavy stages as jobs (see ``slurm``)."""
+    """``local``: every stage on this machine (see ``local``); ``slurm``: heavy stages as jobs."""
     slurm: SlurmArgs = field(default_factory=SlurmArgs)
     local: LocalArgs = field(default_factory=LocalArgs)
-    """With ``executor: local``: the E-step as ``local.estep_procs`` parallel shard processes (0:
-    one per CPU core; 1: in this process), merged as on a cluster (:mod:`apps.bolt.em_exec`)."""
+    """With ``executor: local``: ``local.jobs`` heavy processes at once (0: one per CPU core; 1:
+    training and evaluation in this process, one stage after another) and the E-step as
+    ``local.estep_procs`` shard processes, merged as on a cluster (:mod:`apps.bolt.em_local`)."""
     prepare: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/prepare_synthetic.yaml"))
     teacher: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/gen_oracle_warmstart.yaml"))
     train: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/train_em_synthetic.yaml"))
@@ -154,8 +158,9 @@ class EMDriver:
         self.ledger = self.root / "stages.jsonl"
         self.tokenizer_overrides: list[str] = []
         self.base_init = cfg.base_ckpt
-        self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local)
+        self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local, cfg.device)
         self._ledger_lock = threading.Lock()
+        self._budget_lock = threading.Lock()
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _stage(self, name: str, done: Callable[[], bool], work: Callable[[], Any]) -> Any:
@@ -163,11 +168,13 @@ class EMDriver:
             logger.info("[em] %s: complete, skipping", name)
             return None
         logger.info("[em] %s: running", name)
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), time.time()
         result = work()
         seconds = round(time.perf_counter() - t0, 2)
+        rec = {"stage": name, "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "start": round(start, 3), "end": round(time.time(), 3)}
         with self._ledger_lock, open(self.ledger, "a") as f:
-            f.write(json.dumps({"stage": name, "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            f.write(json.dumps(rec) + "\n")
         logger.info("[em] %s: done in %.1fs", name, seconds)
         return result
 
@@ -366,17 +373,18 @@ class EMDriver:
         from apps.bolt.em_report import raw_fraction
 
         path = self.root / "budgets.json"
-        known = json.loads(path.read_text()) if path.is_file() else {}
-        stamp = _stamp(self.data / latents)
-        entry = known.get(latents)
-        if entry is None or entry.get("stamp") != stamp or entry.get("epochs") != epochs:
-            share = raw_fraction(self, self.data / latents)
-            entry = {"stamp": stamp, "epochs": epochs, "packed_tokens_per_epoch": share["packed_tokens"],
-                     "raw_tokens_per_epoch": share["raw_tokens"], "tokens": int(round(epochs * share["packed_tokens"]))}
-            known[latents] = entry
-            atomic_write_json(path, known)
-            logger.info("[em] budget for %s: %.2f epochs of %d packed tokens = %d tokens", latents, epochs,
-                        share["packed_tokens"], entry["tokens"])
+        with self._budget_lock:  # concurrent branches: read, measure and write one at a time
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            stamp = _stamp(self.data / latents)
+            entry = known.get(latents)
+            if entry is None or entry.get("stamp") != stamp or entry.get("epochs") != epochs:
+                share = raw_fraction(self, self.data / latents)
+                entry = {"stamp": stamp, "epochs": epochs, "packed_tokens_per_epoch": share["packed_tokens"],
+                         "raw_tokens_per_epoch": share["raw_tokens"], "tokens": int(round(epochs * share["packed_tokens"]))}
+                known[latents] = entry
+                atomic_write_json(path, known)
+                logger.info("[em] budget for %s: %.2f epochs of %d packed tokens = %d tokens", latents, epochs,
+                            share["packed_tokens"], entry["tokens"])
         return entry["tokens"]
 
     def init_for(self, trial: int, previous: Path | None) -> str:
@@ -387,7 +395,7 @@ class EMDriver:
     def trials(self, group: str, iteration: int | None, k: int | None, name: str, source: str, layout: str,
                tokens: int, init: Callable[[int], str], n: int | None = None) -> tuple[list[Path], list[dict]]:
         """Train and evaluate one model per trial (seed); returns their folders and result rows.
-        With the slurm executor the trials run concurrently, each trial's jobs one after another."""
+        With slurm or ``local.jobs`` > 1 the trials run concurrently, each one's stages in order."""
         latent = layout != "raw"
 
         def one(t: int) -> tuple[Path, dict]:
@@ -400,36 +408,17 @@ class EMDriver:
         return [ck for ck, _ in done], [row for _, row in done]
 
     def concurrently(self, works: list[Callable[[], Any]]) -> list[Any]:
-        """Results of ``works`` in order: one after another in process (the local executor), or
-        in daemon threads that mostly wait on their jobs (the slurm executor; a killed driver
-        leaves the jobs running, and its rerun re-attaches). The first failure is raised once
-        every work has ended, so the others' finished stages are recorded."""
-        if self.cfg.executor == "local" or len(works) < 2:
-            return [w() for w in works]
-        results: list[Any] = [None] * len(works)
-        errors: list[BaseException | None] = [None] * len(works)
-
-        def target(i: int) -> None:
-            try:
-                results[i] = works[i]()
-            except BaseException as e:  # noqa: BLE001 - re-raised below in the driver's thread
-                errors[i] = e
-
-        threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(len(works))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            while th.is_alive():
-                th.join(1.0)
-        failed = [e for e in errors if e is not None]
-        for e in failed[1:]:
-            logger.error("[em] also failed: %s", e)
-        if failed:
-            raise failed[0]
-        return results
+        """Results of ``works`` in order: one after another in this thread (the local executor
+        with ``local.jobs`` 1), else in daemon threads that mostly wait on their processes or
+        jobs (:class:`apps.bolt.em_exec.Branches`). The first failure is raised once every work
+        has ended, so the others' finished stages are recorded."""
+        branches = Branches(len(works) > 1 and self.stages.parallel)
+        for w in works:
+            branches.start(w)
+        return branches.wait()
 
     def run(self) -> dict:
-        from apps.bolt.em_report import raw_fraction, write_report
+        from apps.bolt.em_report import write_report
 
         c = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
@@ -446,33 +435,52 @@ class EMDriver:
         warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random",
                                  self.budget("warmstart_latents", c.warmstart_epochs, c.warmstart_tokens),
                                  lambda t: base, c.warmstart_trials or c.trials)
+        # beside the iterations (at once where the executor runs things concurrently, else after
+        # them): the K ablations need only the warmstart, the baselines iteration 1's latent data
+        side = Branches(self.stages.parallel)
+        for k in c.k_ablation:
+            side.start(lambda k=k: self.ablation(k, warm[0], base))
+        if c.baselines and not c.iterations:
+            side.start(lambda: self.raw_baselines("warmstart_latents", base))
         previous = warm
         k_main = self.estep_config("main", "unused").posterior.num_samples
-        for it in range(1, c.iterations + 1):
-            latents = self.estep_run(f"iter{it}", previous[0])
-            before = previous
-            previous, new = self.trials("bootstrap", it, k_main, f"iter{it}", latents.name, "random",
-                                        self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
-                                        lambda t: self.init_for(t, before[min(t, len(before) - 1)]))
-            rows += new
-        for k in c.k_ablation:
-            latents = self.estep_run(f"iter1_k{k}", warm[0], [f"posterior.num_samples={k}",
-                                     f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
-            rows += self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random",
-                                self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
-                                lambda t: base)[1]
-        if c.baselines:
-            ref = "iter1_latents" if c.iterations else "warmstart_latents"
-            share = raw_fraction(self, self.data / ref)
-            mstep = self.budget(ref, c.mstep_epochs, c.mstep_tokens)
-            budgets = {"raw_token_match": int(mstep * share["raw_fraction"]), "raw_flops_match": mstep}
-            atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
-            per_baseline = self.concurrently([
-                lambda b=b: self.trials(b, None, None, b, self.bootstrap_name, "raw", budgets[b], lambda t: base)[1]
-                for b in c.baselines
-            ])
-            rows += [row for group in per_baseline for row in group]
+        try:
+            for it in range(1, c.iterations + 1):
+                latents = self.estep_run(f"iter{it}", previous[0])
+                if it == 1 and c.baselines:
+                    side.start(lambda ref=latents.name: self.raw_baselines(ref, base))
+                before = previous
+                previous, new = self.trials("bootstrap", it, k_main, f"iter{it}", latents.name, "random",
+                                            self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
+                                            lambda t: self.init_for(t, before[min(t, len(before) - 1)]))
+                rows += new
+        except Exception as e:
+            side.wait(e)  # raises e once the branches beside have ended
+        rows += [row for branch in side.wait() for row in branch]  # in start order: ablations, baselines
         return write_report(self, rows)
+
+    def ablation(self, k: int, warm: Path, base: str) -> list[dict]:
+        """An extra iteration-1 E-step with K = ``k`` from the warmstart model ``warm``, its M-step."""
+        c = self.cfg
+        latents = self.estep_run(f"iter1_k{k}", warm, [f"posterior.num_samples={k}",
+                                 f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
+        return self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random",
+                           self.budget(latents.name, c.mstep_epochs, c.mstep_tokens), lambda t: base)[1]
+
+    def raw_baselines(self, ref: str, base: str) -> list[dict]:
+        """The raw-data runs, budgets measured on the latent dataset ``ref`` (module docstring)."""
+        from apps.bolt.em_report import raw_fraction
+
+        c = self.cfg
+        share = raw_fraction(self, self.data / ref)
+        mstep = self.budget(ref, c.mstep_epochs, c.mstep_tokens)
+        budgets = {"raw_token_match": int(mstep * share["raw_fraction"]), "raw_flops_match": mstep}
+        atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
+        per_baseline = self.concurrently([
+            lambda b=b: self.trials(b, None, None, b, self.bootstrap_name, "raw", budgets[b], lambda t: base)[1]
+            for b in c.baselines
+        ])
+        return [row for group in per_baseline for row in group]
 
 
 def _stamp(folder: Path) -> str | None:

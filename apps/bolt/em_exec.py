@@ -1,17 +1,26 @@
 """Where the EM driver's heavy stages run: on this machine (``executor: local``, the default: the
 laptop path) or as slurm jobs (``executor: slurm``: the cluster path).
 
-The local executor runs training, evaluation and the teacher in the driver's process. The E-step
-runs as ``local.estep_procs`` shard processes at a time (default 0: one per CPU core this process
-may use when the E-step is on the CPU; 1: in the driver's process, as before): it writes the shard
-config to ``DUMP/configs/estep_<name>.yaml``, starts ``python -m apps.bolt.estep config=...
-shard=i num_shards=N cache=OUT/cache/samples.shard-XXXXX.db`` with ``OMP_NUM_THREADS`` =
-``local.threads_per_proc``, appends each one's output to ``DUMP/logs/estep_<name>.shard-i.log``,
-and merges the shards here exactly as after a slurm array. The shard count N is recorded in
-``OUT/work/local_shards.json`` before the first shard starts: a rerun (after a crash or a failed
-shard) runs only the shards still missing, and keeps that N even if the core count changed (so
-two splits never mix; delete ``OUT/work`` to re-split). A failed shard raises, once every running
-shard has ended, an error naming the shard and its log.
+The local executor (:mod:`apps.bolt.em_local`, re-exported here) uses the whole machine:
+``local.jobs`` heavy processes at once (default 0: one per CPU core this process may use, 1 when
+the models run on a GPU). With ``jobs`` 1 (the old behaviour) training, evaluation and the teacher
+run in the driver's process, one stage after another. With ``jobs`` > 1 training and evaluation
+run as subprocesses (``python -m apps.bolt.train config=DUMP/configs/train_<name>.yaml``, ``python
+-m apps.bolt.em_eval config=DUMP/configs/eval_<name>.yaml``, ``OMP_NUM_THREADS`` =
+``local.threads_per_proc``, output appended to ``DUMP/logs/<stage>.log``; a failure raises an error
+naming that log and quoting its last lines), the driver runs independent trials and branches in
+threads (:class:`Branches`), and every heavy process (training, evaluation, each E-step shard
+process) takes a slot of one semaphore of size ``jobs``, so no more than ``jobs`` run at once
+(their start and end times: ``DUMP/logs/processes.jsonl``). The E-step runs as
+``local.estep_procs`` shard processes (default 0: one per CPU core when the E-step is on the CPU;
+1: in the driver's process, as before): it writes the shard config to
+``DUMP/configs/estep_<name>.yaml``, starts ``python -m apps.bolt.estep config=... shard=i
+num_shards=N cache=OUT/cache/samples.shard-XXXXX.db``, appends each one's output to
+``DUMP/logs/estep_<name>.shard-i.log``, and merges the shards here exactly as after a slurm array.
+The shard count N is recorded in ``OUT/work/local_shards.json`` before the first shard starts: a
+rerun (after a crash or a failed shard) runs only the shards still missing, and keeps that N even
+if the core count changed (so two splits never mix; delete ``OUT/work`` to re-split). A failed
+shard raises, once every running shard has ended, an error naming the shard and its log.
 
 Both executors take the same fully resolved stage configs and return nothing: the driver reads
 every result from disk afterwards (a training run's final checkpoint, an E-step's merged
@@ -36,10 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
-import subprocess
-import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,184 +147,60 @@ class SlurmArgs:
 
 
 # ----------------------------------------------------------------------------- local executor
-@dataclass
-class LocalArgs:
-    """How the local executor runs the E-step (``local.*`` in the EM config)."""
-
-    estep_procs: int = 0
-    """E-step shards run at once as local processes: 0 = one per CPU core this process may use
-    (``os.sched_getaffinity``) when the E-step runs on the CPU, 1 when it runs on a GPU (processes
-    would share it); 1 = in this process (the old path); N > 1 = N processes. Each process loads
-    its own copy of the model: with a large model on a small machine, set 1 or 2."""
-    threads_per_proc: int = 1
-    """``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of each shard process (one thread per core)."""
-
-    def validate(self) -> None:
-        if self.estep_procs < 0 or self.threads_per_proc < 1:
-            raise ValueError(f"local.estep_procs >= 0 and local.threads_per_proc >= 1 are required, got {self}")
+# In apps/bolt/em_local.py; re-exported here (the driver and older imports use this module).
+from apps.bolt.em_local import (  # noqa: E402, F401
+    LOCAL_SHARDS_RECORD, PROCESSES_RECORD, LocalArgs, LocalStages, _safe, _tail, cpu_cores, estep_shard_done,
+    local_shard_count, on_gpu, run_processes,
+)
 
 
-LOCAL_SHARDS_RECORD = "local_shards.json"
-"""``OUT/work/<this>``: the shard count a local E-step chose for ``OUT``, kept for its reruns."""
+class Branches:
+    """Works started now, their results collected later by :meth:`wait`. With ``parallel``, each
+    runs in a daemon thread from its start (threads that mostly wait on their processes or jobs;
+    a killed driver leaves slurm jobs running, and its rerun re-attaches); without, they are
+    queued and run one after another, in start order, by :meth:`wait`, so a sequential driver
+    keeps its order. :meth:`wait` returns the results in start order; it raises the first failure
+    (the caller's own ``error`` first) only once every started branch has ended, so the others'
+    finished stages are recorded."""
 
+    def __init__(self, parallel: bool):
+        self.parallel = parallel
+        self._works: list[Callable[[], Any]] = []
+        self._results: list[Any] = []
+        self._errors: list[BaseException | None] = []
+        self._threads: list[threading.Thread] = []
 
-class LocalStages:
-    """Every stage in this machine: the stage modules' ``run(cfg)`` in this process, except the
-    E-step, which runs as ``local.estep_procs`` shard processes (see the module docstring)."""
+    def start(self, work: Callable[[], Any]) -> int:
+        i = len(self._works)
+        self._works.append(work)
+        self._results.append(None)
+        self._errors.append(None)
+        if self.parallel:
+            self._threads.append(threading.Thread(target=self._run, args=(i,), daemon=True, name=f"em-branch-{i}"))
+            self._threads[-1].start()
+        return i
 
-    def __init__(self, root: Path, args: LocalArgs | None = None):
-        self.root = Path(root)
-        self.args = args if args is not None else LocalArgs()
+    def _run(self, i: int) -> None:
+        try:
+            self._results[i] = self._works[i]()
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait() in the caller's thread
+            self._errors[i] = e
 
-    def train(self, name: str, cfg: Any, kind: str) -> None:
-        from apps.bolt import train
-
-        train.run(cfg)
-
-    def estep(self, name: str, cfg: Any) -> None:
-        from apps.bolt import estep
-
-        out = Path(cfg.out)
-        if is_done(out):
-            logger.info("[em] estep:%s: %s is complete", name, out)
-            return
-        procs = self._procs(cfg)
-        if procs > 1:  # no more shards than documents
-            procs = min(procs, max(1, sum(1 for _ in estep.list_docs(cfg.src, cfg.text_key, cfg.limit_docs))))
-        num_shards = local_shard_count(out, procs)
-        if num_shards == 1:
-            estep.run(cfg)
-            return
-        shard_cfg = dataclasses.replace(cfg, action="shard", shard=0, num_shards=num_shards)
-        path = self.root / "configs" / f"estep_{_safe(name)}.yaml"
-        dump_config(shard_cfg, path)
-        cache = None if cfg.cache is not None else Path(cfg.out) / "cache"
-        cmds = {}
-        for i in range(num_shards):
-            if estep_shard_done(out, i, num_shards):
-                continue
-            cmd = [sys.executable, "-m", "apps.bolt.estep", f"config={path}", f"shard={i}", f"num_shards={num_shards}"]
-            cmds[i] = cmd + ([f"cache={cache}/samples.shard-{i:05d}.db"] if cache is not None else [])
-        procs = min(procs, num_shards)
-        logs = {i: self.root / "logs" / f"estep_{_safe(name)}.shard-{i}.log" for i in cmds}
-        logger.info("[em] estep:%s: %d of %d shards to run, %d at a time, %d thread(s) each; logs in %s", name,
-                    len(cmds), num_shards, procs, self.args.threads_per_proc, self.root / "logs")
-        if cmds:
-            run_processes(f"estep:{name}", cmds, logs, procs, self._env())
-        left = [i for i in range(num_shards) if not estep_shard_done(out, i, num_shards)]
-        if left:
-            raise RuntimeError(f"estep:{name}: shards {left} exited cleanly but have no output; see "
-                               + ", ".join(str(logs.get(i, "?")) for i in left))
-        logger.info("[em] estep:%s: merging %d shards", name, num_shards)
-        estep.run(dataclasses.replace(shard_cfg, action="merge"))
-
-    def evaluate(self, name: str, cfg: Any) -> None:
-        from apps.bolt import em_eval
-
-        em_eval.run(cfg)
-
-    def teacher(self, cfg: Any) -> None:
-        from apps.bolt import gen_latents
-
-        gen_latents.run(cfg)
-
-    def _procs(self, cfg: Any) -> int:
-        if self.args.estep_procs > 0:
-            return self.args.estep_procs
-        if cfg.device != "cpu":
-            import torch
-
-            if cfg.device != "auto" or torch.cuda.is_available():
-                return 1  # one GPU: one process
-        return cpu_cores()
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        threads = str(self.args.threads_per_proc)
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
-        repo = str(Path(__file__).resolve().parents[2])  # the folder holding apps/ and lingua/
-        env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])
-        return env
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; all cores where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def local_shard_count(out: str | Path, wanted: int) -> int:
-    """The shard count of a local E-step into ``out``: the one recorded (or found in complete
-    shards) by an earlier run, so a rerun with another core count resumes the same shard set
-    instead of mixing two; ``wanted`` for a fresh folder. Recorded before any shard starts."""
-    work = Path(out) / "work"
-    record = work / LOCAL_SHARDS_RECORD
-    found = {int(m.group(1)) for p in (work.glob("shard-*-of-*.done.json") if work.is_dir() else [])
-             if (m := re.fullmatch(r"shard-\d+-of-(\d+)\.done\.json", p.name))}
-    if record.is_file():
-        found.add(int(json.loads(record.read_text())["num_shards"]))
-    if len(found) > 1:
-        raise RuntimeError(f"{work} holds shards of several splits (num_shards {sorted(found)}); delete that "
-                           "folder (and the sample caches in its cache/ folder, if unwanted) to start over")
-    n = found.pop() if found else max(1, int(wanted))
-    if n != wanted:
-        logger.info("[em] %s was split into %d shards by an earlier run: resuming that split (%d wanted now; "
-                    "delete %s to re-split)", out, n, wanted, work)
-    if not record.is_file():
-        atomic_write_json(record, {"num_shards": n})
-    return n
-
-
-def run_processes(stage: str, cmds: dict[int, list[str]], logs: dict[int, Path], procs: int,
-                  env: dict[str, str], poll_s: float = 0.2) -> None:
-    """Run ``cmds`` (shard index: argv), at most ``procs`` at a time, each with its output appended
-    to ``logs[i]``. After a failure no new shard starts; once every started process has ended, a
-    RuntimeError names the failed shards and their logs. Interrupted (Ctrl-C, an error here), it
-    terminates the processes it started."""
-    queue, running, failed = sorted(cmds), {}, {}
-    try:
-        while queue or running:
-            while queue and len(running) < procs and not failed:
-                i = queue.pop(0)
-                logs[i].parent.mkdir(parents=True, exist_ok=True)
-                fh = open(logs[i], "a")
-                fh.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmds[i])}\n")
-                fh.flush()
-                running[i] = (subprocess.Popen(cmds[i], stdout=fh, stderr=subprocess.STDOUT, env=env), fh, time.time())
-            time.sleep(poll_s)
-            for i, (p, fh, t0) in list(running.items()):
-                if p.poll() is None:
-                    continue
-                fh.close()
-                del running[i]
-                if p.returncode != 0:
-                    failed[i] = p.returncode
-                    logger.error("[em] %s: shard %d failed (exit status %d); log: %s", stage, i, p.returncode, logs[i])
-                else:
-                    logger.info("[em] %s: shard %d done in %.1fs (%d of %d left)", stage, i, time.time() - t0,
-                                len(queue) + len(running), len(cmds))
-    finally:
-        for p, fh, _ in running.values():  # only on an exception: the loop above empties it
-            p.terminate()
-        for p, fh, _ in running.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            fh.close()
-    if failed:
-        lines = [f"shard {i} (exit status {rc}): log {logs[i]}\n{_tail(logs[i])}" for i, rc in sorted(failed.items())]
-        skipped = f"; not started: shards {queue}" if queue else ""
-        raise RuntimeError(f"{stage}: {len(failed)} of {len(cmds)} shard process(es) failed{skipped} (once fixed, "
-                           "rerun: complete shards are kept)\n" + "\n".join(lines))
-
-
-def _tail(path: Path, n: int = 5) -> str:
-    lines = path.read_text(errors="replace").replace("\r", "\n").splitlines() if path.is_file() else []
-    return "\n".join("    " + ln for ln in [x for x in lines if x.strip()][-n:])
+    def wait(self, error: BaseException | None = None) -> list[Any]:
+        if not self.parallel and error is None:
+            for i in range(len(self._works)):
+                self._run(i)
+                if self._errors[i] is not None:
+                    break  # one after another: nothing after a failure
+        for th in self._threads:
+            while th.is_alive():
+                th.join(1.0)
+        failed = [e for e in (error, *self._errors) if e is not None]
+        for e in failed[1:]:
+            logger.error("[em] also failed: %s", e)
+        if failed:
+            raise failed[0]
+        return list(self._results)
 
 
 # ----------------------------------------------------------------------------- slurm executor
@@ -327,6 +209,9 @@ class SlurmStages:
 
     ``jobs`` is the job backend: anything with ``submit_jobs``, ``attach_jobs``, ``job_alive`` and
     ``wait_jobs`` as in :mod:`lingua.launch` (the default; tests pass a recording fake)."""
+
+    parallel = True
+    """The driver runs independent trials and branches concurrently (threads waiting on jobs)."""
 
     def __init__(self, root: Path, args: SlurmArgs, jobs: Any = None):
         import lingua.launch
@@ -445,8 +330,9 @@ class SlurmStages:
 
 
 def build_stages(executor: str, root: Path, slurm: SlurmArgs, jobs: Any = None,
-                 local: LocalArgs | None = None) -> LocalStages | SlurmStages:
-    return LocalStages(root, local) if executor == "local" else SlurmStages(root, slurm, jobs)
+                 local: LocalArgs | None = None, device: str = "cpu") -> LocalStages | SlurmStages:
+    """``device``: the EM run's (the local executor's default ``jobs`` is 1 on a GPU)."""
+    return LocalStages(root, local, device) if executor == "local" else SlurmStages(root, slurm, jobs)
 
 
 # ----------------------------------------------------------------------------- outputs on disk
@@ -478,17 +364,6 @@ def final_consolidated(run_dir: str | Path) -> tuple[Path, dict]:
         logger.info("[em] consolidating %s", status["checkpoint"])
         folder = consolidate(status["checkpoint"])
     return folder, {**status, "consolidated": str(folder)}
-
-
-def estep_shard_done(out: str | Path, shard: int, num_shards: int) -> bool:
-    from apps.bolt.estep import shard_paths
-
-    data, done = shard_paths(Path(out), shard, num_shards)
-    return done.is_file() and data.is_file()
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _ids(jobs: Sequence[Any]) -> str:
