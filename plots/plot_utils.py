@@ -41,15 +41,20 @@ def envelope(values: list[float], higher_is_better: bool = True) -> list[float]:
 
 def plot_em_accuracy(result: dict[str, Any], path: str | Path, metric: str = "accuracy") -> Path:
     """Accuracy per bootstrap iteration (mean ± SE over trials), the warmstart as a dashed line
-    and each raw baseline (and K ablation) as a horizontal band."""
+    and each raw baseline (and K ablation) as a horizontal band; when the run measured latent
+    quality (a world with an oracle), a second panel with the thoughts per iteration: the share
+    the E-step got right (what the iteration trained on; SIR against a uniform pick) and the
+    share of evaluation problems whose generated thought is right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = result["summary"]
-    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
     boot = sorted((ln for ln in lines if ln["group"] == "bootstrap" and metric in ln), key=lambda ln: ln["iteration"])
+    quality = [ln for ln in boot if ln.get("trained_on", {}).get("selected_correct") is not None]
+    fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(12 if quality else 7.5, 4), dpi=120, squeeze=False)
+    ax = axes[0][0]
     if boot:
         xs = [ln["iteration"] for ln in boot]
         ys = np.array([ln[metric] for ln in boot])
@@ -69,12 +74,36 @@ def plot_em_accuracy(result: dict[str, Any], path: str | Path, metric: str = "ac
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_xticks(range(0, xmax + 1))
     ax.set_title(f"{result.get('name', 'EM')}: {metric} per iteration")
-    ax.set_ylim(bottom=0)  # accuracies from 0: small gaps are not drawn as large ones
+    values = [ln[metric] for ln in lines if metric in ln]
+    if values and min(values) >= 0:
+        ax.set_ylim(bottom=0)  # accuracies from 0: small gaps are not drawn as large ones (not ELBOs)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # off the data
     ax.grid(alpha=0.3)
+    if quality:
+        _plot_thoughts(axes[0][1], lines, quality, xmax)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plot_thoughts(ax: Any, lines: list[dict], boot: list[dict], xmax: int) -> None:
+    xs = [ln["iteration"] for ln in boot]
+    sel = [ln["trained_on"]["selector"] for ln in boot]
+    ax.plot(xs, [ln["trained_on"]["selected_correct"] for ln in boot], "o-", color="C0", label="E-step: kept thought right")
+    ax.plot(xs, [s["uniform"] for s in sel], "x:", color="C0", alpha=0.6, label="E-step: uniform pick (expected)")
+    ax.plot(xs, [s["best_of_k"] for s in sel], "^:", color="C2", alpha=0.6, label="E-step: best of K")
+    evals = [(ln["iteration"], ln["thought_correct"]) for ln in lines
+             if ln["group"] in ("warmstart", "bootstrap") and ln.get("thought_correct") is not None]
+    if evals:
+        evals.sort()
+        ax.plot([x for x, _ in evals], [y for _, y in evals], "s--", color="C3", label="eval: generated thought right")
+    ax.set_xlabel("bootstrap iteration (E-step t uses the model of iteration t-1)")
+    ax.set_ylabel("share of thoughts equal to the oracle's")
+    ax.set_xticks(range(0, xmax + 1))
+    ax.set_ylim(0, 1)
+    ax.set_title("thought quality")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.grid(alpha=0.3)
