@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def plot_em_accuracy(result: dict[str, Any], path: str | Path, metric: str = "ac
                             color=color, alpha=0.1)
     ax.set_xlabel("bootstrap iteration")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_xticks(range(0, xmax + 1))
+    ax.set_xticks(range(xmax + 1))
     ax.set_title(f"{result.get('name', 'EM')}: {metric} per iteration")
     values = [ln[metric] for ln in lines if metric in ln]
     if values and min(values) >= 0:
@@ -102,7 +103,7 @@ def _plot_thoughts(ax: Any, lines: list[dict], boot: list[dict], xmax: int) -> N
         ax.plot([x for x, _ in evals], [y for _, y in evals], "s--", color="C3", label="eval: generated thought right")
     ax.set_xlabel("bootstrap iteration (E-step t uses the model of iteration t-1)")
     ax.set_ylabel("share of thoughts equal to the oracle's")
-    ax.set_xticks(range(0, xmax + 1))
+    ax.set_xticks(range(xmax + 1))
     ax.set_ylim(0, 1)
     ax.set_title("thought quality")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)

@@ -59,10 +59,12 @@ def test_base_args_validation():
 
 
 BASE = [
-    'prepare.overrides=[source.num_docs=240, "subsets=[{name: pretrain, docs: 40}, {name: warmstart, tokens: 12000}, '
-    '{name: bootstrap, tokens: 12000}]", "extra=[{name: drills, source: {kind: synthetic, generator: '
-    'apps.bolt.synthetic.facts:generate_drills, num_docs: 30}}, {name: eval, builder: '
-    'apps.bolt.synthetic.tasks:write_eval_files, options: {n_test: 8, n_dev: 2, seed: 0}}]"]',
+    (
+        'prepare.overrides=[source.num_docs=240, "subsets=[{name: pretrain, docs: 40}, {name: warmstart, tokens: 12000}, '
+        '{name: bootstrap, tokens: 12000}]", "extra=[{name: drills, source: {kind: synthetic, generator: '
+        'apps.bolt.synthetic.facts:generate_drills, num_docs: 30}}, {name: eval, builder: '
+        'apps.bolt.synthetic.tasks:write_eval_files, options: {n_test: 8, n_dev: 2, seed: 0}}]"]'
+    ),
     "base.tokens=2048",
     "base.sources={pretrain: 0.5, drills: 0.5}",
     "iterations=0",

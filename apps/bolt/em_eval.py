@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from apps.bolt.chunking import ChunkArgs
 from apps.bolt.eval import EvalArgs
@@ -52,7 +52,7 @@ class ModelEvalArgs:
     elbo_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     max_latent_tokens: int = 1024
     """Latent length limit of the ELBO's posterior samples (the E-step's)."""
-    chunk: Optional[ChunkArgs] = None
+    chunk: ChunkArgs | None = None
     """Chunking of the held-out ELBO; the EM driver passes the E-step's, so the bound is taken on
     the chunks the models train and infer on. None: uniform chunks of the reference's size with
     the whole previous text as prefix (the reference's ELBO evaluation)."""

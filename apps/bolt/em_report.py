@@ -22,7 +22,7 @@ ELBO = "elbo_4_per_token"
 
 
 
-def raw_fraction(driver: "EMDriver", latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
+def raw_fraction(driver: EMDriver, latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
     """Share of raw-text tokens in the packed latent training stream (``random`` layout, BOS/EOS
     counted as in packing), measured on the latent dataset (all of it unless ``max_docs``) with a
     fixed seed; also the totals (``raw_tokens``, ``packed_tokens``: one epoch). The paper's
@@ -143,12 +143,12 @@ def format_table(lines: list[dict]) -> str:
         for ln in lines
     ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(header), sep, *map(fmt, body)])
 
 
-def write_report(driver: "EMDriver", rows: list[dict]) -> dict:
+def write_report(driver: EMDriver, rows: list[dict]) -> dict:
     quality = estep_quality(driver.data)
     lines = aggregate(rows, quality)
     table = format_table(lines)

@@ -24,14 +24,19 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 from apps.bolt import importance as imp
 from apps.bolt import latent_quality as lq
 from apps.bolt.chunking import ChunkArgs, chunk_text
-from apps.bolt.posterior import ChunkInput, ChunkPosterior, PosteriorArgs, PosteriorSampler
+from apps.bolt.posterior import (
+    ChunkInput,
+    ChunkPosterior,
+    PosteriorArgs,
+    PosteriorSampler,
+)
 from lingua.args import ConfigError, cli_config, dump_config, to_dict
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 from lingua.sample_store import SampleStore
@@ -57,7 +62,7 @@ class EStepArgs:
     num_shards: int = 1
     chunk: ChunkArgs = field(default_factory=_estep_chunking)
     posterior: PosteriorArgs = field(default_factory=PosteriorArgs)
-    cache: Optional[str] = None
+    cache: str | None = None
     """Sample cache (SQLite); default OUT/cache/samples.db."""
     batch_chunks: int = 64
     """Chunks per backend call (memory is bounded by the engine's token budget)."""
@@ -67,7 +72,7 @@ class EStepArgs:
     """Weights and KV cache of the sampler/scorer: float32 | bfloat16 | float16. Log-probabilities
     are always taken in float32 from the logits; bfloat16 is the fast choice on GPU (the reference
     samples with vLLM in bf16), float32 keeps CPU and GPU E-steps comparable."""
-    limit_docs: Optional[int] = None
+    limit_docs: int | None = None
     """Debug: only the first N documents of the corpus."""
     text_key: str = "text"
     quality: str = "auto"

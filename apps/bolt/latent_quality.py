@@ -28,8 +28,9 @@ is non-empty, the only ones where a thought can be right or wrong:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from apps.bolt import importance as imp
 
@@ -149,14 +150,14 @@ class QualityTally:
             self.pairs += len(right) * len(wrong)
             self.pair_wins += sum(1.0 if r > x else 0.5 if r == x else 0.0 for r in right for x in wrong)
 
-    def __add__(self, other: "QualityTally") -> "QualityTally":
+    def __add__(self, other: QualityTally) -> QualityTally:
         return QualityTally(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QualityTally":
+    def from_dict(cls, d: dict) -> QualityTally:
         return cls(**{f.name: d.get(f.name, 0) for f in fields(cls)})
 
     def summary(self) -> dict:

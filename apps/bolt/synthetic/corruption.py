@@ -15,13 +15,19 @@ one of the EM driver's, so a rerun skips what is complete.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lingua.args import cli_config, load_config
-from lingua.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_jsonl, write_jsonl
+from lingua.io import (
+    atomic_write_json,
+    atomic_write_text,
+    is_done,
+    mark_done,
+    read_jsonl,
+    write_jsonl,
+)
 
 logger = logging.getLogger("apps.bolt.em")
 

@@ -24,9 +24,14 @@ drills do not depend on how many are drawn, and never coincide with the corpus's
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
-from apps.bolt.synthetic.corpus import WorldArgs, make_world_args, sample_problem, stream
+from apps.bolt.synthetic.corpus import (
+    WorldArgs,
+    make_world_args,
+    sample_problem,
+    stream,
+)
 
 FACTS_STREAM = 7
 """Random stream ids of the drills: this one for the facts, the next for titles and lengths (the

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from apps.bolt.latent_quality import ChunkQuality, register_scorer
 from apps.bolt.synthetic.oracle import DEFAULT_LATENT_STYLE, chunk_latent
