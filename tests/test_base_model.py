@@ -29,6 +29,7 @@ def test_get_base_trains_once_and_reuses(tmp_path):
     first = base_model.get_base(folder, r, train)
     again = base_model.get_base(folder, r, train)
     assert first == again == folder / "run" / "consolidated" and len(calls) == 1
+    assert json.loads((folder / base_model.BASE_FILE).read_text())["consolidated"] == "run/consolidated"
     info = json.loads((folder / base_model.BASE_FILE).read_text())
     assert info["recipe"] == r and info["summary"] == {"step": 3}
     # another recipe lives in another folder; a folder whose record disagrees is refused

@@ -58,3 +58,33 @@ def test_em_configs_point_at_loadable_stage_configs():
             stage = getattr(cfg, section).config
             assert (CONFIGS.parents[2] / stage).is_file(), f"{path.name}: {section}.config={stage} is missing"
             test_shipped_config_loads(CONFIGS.parents[2] / stage)
+
+
+@pytest.mark.parametrize("name", ["em_synthetic.yaml", "em_science.yaml"])
+def test_synthetic_em_configs_bootstrap_from_more_text_than_the_teacher_labelled(name):
+    """The E-steps (and the raw baselines) read a bootstrap sample larger than the teacher-labelled
+    warmstart set, disjoint from it, and every run starts from the same cached base model (its
+    datasets are the same in the demo and the science run)."""
+    from apps.bolt.em import EMArgs
+    from apps.bolt.prepare import PrepareArgs
+
+    em = load_config(EMArgs, CONFIGS / name, [])
+    prep = load_config(PrepareArgs, em.prepare.config, em.prepare.overrides)
+    subsets = {s.name: s for s in prep.subsets}
+    order = [s.name for s in prep.subsets]
+    assert order.index("warmstart") < order.index("bootstrap")  # disjoint slices of one permutation
+    assert subsets["warmstart"].docs > 0 and em.estep_docs is not None
+    assert subsets["bootstrap"].docs >= em.estep_docs > subsets["warmstart"].docs
+    assert em.base.tokens > 0 and set(em.base.sources) == {"pretrain", "drills"} and order[0] == "pretrain"
+    assert {e.name for e in prep.extra} >= {"drills", "eval"}
+
+
+def test_demo_and_science_share_the_base_model():
+    from apps.bolt.em import EMArgs
+    from apps.bolt.prepare import PrepareArgs
+
+    cfgs = [load_config(EMArgs, CONFIGS / n, []) for n in ("em_synthetic.yaml", "em_science.yaml")]
+    assert cfgs[0].base == cfgs[1].base and cfgs[0].train == cfgs[1].train
+    preps = [load_config(PrepareArgs, c.prepare.config, c.prepare.overrides) for c in cfgs]
+    assert preps[0].subsets[0] == preps[1].subsets[0] and preps[0].extra == preps[1].extra
+    assert preps[0].source == preps[1].source and preps[0].val == preps[1].val

@@ -90,7 +90,8 @@ def cached_base(folder: Path, r: dict) -> Path | None:
             f"{info_path} holds a base trained with another recipe (hash {recipe_hash(info.get('recipe') or {})}, "
             f"wanted {recipe_hash(r)}); delete {folder} to retrain it"
         )
-    return Path(info["consolidated"])
+    found = Path(info["consolidated"])
+    return found if found.is_absolute() else folder / found  # relative: the cache folder can move
 
 
 def get_base(folder: Path, r: dict, train: Callable[[Path], tuple[Path, dict]]) -> Path:
@@ -101,5 +102,9 @@ def get_base(folder: Path, r: dict, train: Callable[[Path], tuple[Path, dict]]) 
         logger.info("[em] base: reusing %s", folder)
         return found
     consolidated, summary = train(folder / "run")
-    atomic_write_json(folder / BASE_FILE, {"recipe": r, "consolidated": str(consolidated), "summary": summary})
+    try:
+        where = str(Path(consolidated).resolve().relative_to(folder.resolve()))
+    except ValueError:  # trained elsewhere (a slurm job's scratch): keep the absolute path
+        where = str(consolidated)
+    atomic_write_json(folder / BASE_FILE, {"recipe": r, "consolidated": where, "summary": summary})
     return consolidated

@@ -356,6 +356,8 @@ class EMDriver:
                                             self.budget(latents.name, c.mstep_epochs, c.mstep_tokens),
                                             lambda t, before=previous: self.init_for(t, before[min(t, len(before) - 1)]))
                 rows += new
+            if c.final_estep:
+                self.estep_run(f"iter{c.iterations + 1}", previous[0])
         except Exception as e:
             side.wait(e)  # raises e once the branches beside have ended
         rows += [row for branch in side.wait() for row in branch]  # in start order: ablations, baselines

@@ -47,6 +47,10 @@ class EMArgs:
     base: BaseArgs = field(default_factory=BaseArgs)
     """Pretrain a base model once (cached across experiments) and start every run from it: the
     TinyLlama analog of the synthetic world (:mod:`apps.bolt.base_model`). Off when tokens is 0."""
+    final_estep: bool = False
+    """Also run an E-step with the last model (``iter{T+1}_latents``, no M-step on it): measures the
+    thoughts the last iteration writes (latent quality per iteration, including the last; with
+    ``iterations: 0``, the warmstart's). In the results' E-step table."""
     warmstart_trials: int = 0
     """Warmstart runs to train (seeds 0..n-1); 0: ``trials``. The E-steps use trial 0's, so 1
     saves the other trials' cost when the warmstart's own spread is not wanted."""

@@ -75,13 +75,39 @@ def latents_of(group: str, iteration: int | None, k: int | None) -> str | None:
 
 
 def estep_quality(data: Path) -> dict[str, dict]:
-    """Latent quality of every E-step of the run (its lineage's ``quality``), by dataset name."""
+    """Latent quality of every E-step of the run (its lineage's ``quality``), by dataset name, with
+    the model that wrote the thoughts (its run name), K and the sampling temperature."""
     out = {}
     for lineage in sorted(data.glob("*_latents/lineage.json")):
-        q = json.loads(lineage.read_text()).get("quality")
+        info = json.loads(lineage.read_text())
+        q = info.get("quality")
         if q:
-            out[lineage.parent.name] = {k: v for k, v in q.items() if k != "tally"}
+            model = Path(info.get("model", ""))
+            run = model.parents[2].name if len(model.parents) > 2 and model.parent.parent.name == "checkpoints" else str(model)
+            out[lineage.parent.name] = {**{k: v for k, v in q.items() if k != "tally"}, "model": run,
+                                        "num_samples": info.get("num_samples"), "temperature": info.get("temperature")}
     return out
+
+
+def format_estep_table(quality: dict[str, dict]) -> str:
+    """One line per E-step: whose thoughts, how many right, and what importance resampling did."""
+    if not quality:
+        return ""
+
+    def f(x, fmt=".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    rows = ["| E-step data | thoughts by | K | T | chunks with a thought | kept right | SIR / uniform / argmax / best-of-K "
+            "| one sample | equations true | log-weight gap (nats) | right beats wrong |", "|" + "---|" * 11]
+    order = sorted(quality, key=lambda n: (not n.startswith("iter"), len(n), n))
+    for name in order:
+        q = quality[name]
+        sel = q["selector"]
+        rows.append(f"| {name} | {q['model']} | {q['num_samples']} | {q['temperature']} | {q['chunks_with_thought']} | "
+                    f"{f(q['selected_correct'])} | {f(sel['sir'])} / {f(sel['uniform'])} / {f(sel['argmax'])} / "
+                    f"{f(sel['best_of_k'])} | {f(sel['sample'])} | {f(q['equation_truth'])} | "
+                    f"{f(q['log_weight_gap'], '+.2f')} | {f(q['right_beats_wrong'])} |")
+    return "\n".join(rows)
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -162,7 +188,11 @@ def write_report(driver: EMDriver, rows: list[dict]) -> dict:
         "stage_seconds": driver.stage_seconds(),
     }
     atomic_write_json(driver.root / "results.json", result)
-    atomic_write_text(driver.root / "results.md", f"# EM results: {driver.cfg.name}\n\n{table}\n")
+    esteps = format_estep_table(quality)
+    text = f"# EM results: {driver.cfg.name}\n\n{table}\n"
+    if esteps:
+        text += f"\n## Thoughts written by each E-step (graded against the oracle)\n\n{esteps}\n"
+    atomic_write_text(driver.root / "results.md", text)
     try:
         from plots.plot_utils import plot_em_accuracy
 
@@ -170,4 +200,6 @@ def write_report(driver: EMDriver, rows: list[dict]) -> dict:
     except ImportError as e:  # matplotlib is a base requirement; keep the report even without it
         logger.warning("no plot: %s", e)
     print(f"\nEM results ({driver.root}):\n{table}\n")
+    if esteps:
+        print(f"E-steps (thoughts graded against the oracle):\n{esteps}\n")
     return result
