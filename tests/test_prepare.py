@@ -276,7 +276,7 @@ def test_synthetic_world_sets(tmp_path):
         "extra=[{name: eval, builder: 'apps.bolt.synthetic.tasks:write_eval_files', options: {n_test: 12, n_dev: 6}}]",
     ])
     info = run(c)
-    assert info["validation"]["num_docs"] == 10  # 5% of 200
+    assert info["validation"]["num_docs"] == 4  # 2% of 200
     ids = [d["id"] for n in ("validation", "warmstart", "bootstrap") for d in read_set(tmp_path / n)]
     assert len(ids) == len(set(ids)) and all(i.startswith("synth-0-") for i in ids)
     assert info["warmstart"]["num_tokens"] >= 15000 and info["bootstrap"]["num_tokens"] >= 40000
