@@ -335,16 +335,17 @@ class EMDriver:
         self.bootstrap()
         self.teacher()
         self.base_init = base = self.base()
+        # beside the main line (at once where the executor runs things concurrently, else after
+        # it): the raw baselines need the latent data that sets their budget (iteration 1's, or
+        # the teacher's without iterations), the K ablations only the warmstart
+        side = Branches(self.stages.parallel)
+        if c.baselines and not c.iterations:
+            side.start(lambda: self.raw_baselines("warmstart_latents", base))
         warm, rows = self.trials("warmstart", 0, None, "warmstart", "warmstart_latents", "random",
                                  self.budget("warmstart_latents", c.warmstart_epochs, c.warmstart_tokens),
                                  lambda t: base, c.warmstart_trials or c.trials)
-        # beside the iterations (at once where the executor runs things concurrently, else after
-        # them): the K ablations need only the warmstart, the baselines iteration 1's latent data
-        side = Branches(self.stages.parallel)
         for k in c.k_ablation:
             side.start(lambda k=k: self.ablation(k, warm[0], base))
-        if c.baselines and not c.iterations:
-            side.start(lambda: self.raw_baselines("warmstart_latents", base))
         previous = warm
         k_main = self.estep_config("main", "unused").posterior.num_samples
         try:
@@ -360,7 +361,7 @@ class EMDriver:
                 self.estep_run(f"iter{c.iterations + 1}", previous[0])
         except Exception as e:
             side.wait(e)  # raises e once the branches beside have ended
-        rows += [row for branch in side.wait() for row in branch]  # in start order: ablations, baselines
+        rows += [row for branch in side.wait() for row in branch]  # in start order (a fixed one)
         return write_report(self, rows)
 
     def ablation(self, k: int, warm: Path, base: str) -> list[dict]:
