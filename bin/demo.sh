@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The README's demo: on a fresh CPU machine, set up the environment, then bootstrap latent
-# thoughts in the embedded synthetic math world (prepare -> oracle-teacher warmstart -> 2 EM
-# iterations with K=4 -> raw-token- and FLOP-matched baselines -> evaluation), print the results
-# table and write a plot. No network, no GPU, no API keys. Extra args override the config, e.g.
-#   bash bin/demo.sh dump_dir=runs/my_demo trials=3
+# The README's demo: on a fresh CPU machine, set up the environment, then show what bootstrapping's
+# E-step does in the embedded synthetic math world: prepare -> base model (pretrained once, cached
+# in .cache/bolt_bases) -> warmstart on the oracle teacher's thoughts, a raw baseline beside it ->
+# one E-step (K=4) of the warmstart model with every thought graded against the oracle ->
+# results table and plot. No network, no GPU, no API keys. Extra args override the config, e.g.
+#   bash bin/demo.sh dump_dir=runs/my_demo
+# Accuracy across EM iterations (the paper's claims) is the science run, too long for a demo:
+#   python -m apps.bolt.em config=apps/bolt/configs/em_science.yaml   (docs/science.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -12,7 +15,7 @@ export WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE
 set +e
 .venv/bin/python -m apps.bolt.em config=apps/bolt/configs/em_synthetic.yaml "$@" 2>&1 \
   | tee /tmp/bolt_demo.log \
-  | grep --line-buffered -E "^\||EM results|\[em\] [^ ]+: (done|complete)|Traceback|Error" \
+  | grep --line-buffered -E "^\||EM results|E-steps|\[em\] [^ ]+: (done|complete)|Traceback|Error" \
   | sed -u -E 's/^[0-9-]+ [0-9:,]+ [A-Z]+ apps\.bolt\.em: //'
 status=${PIPESTATUS[0]}
 set -e
