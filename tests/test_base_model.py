@@ -79,8 +79,13 @@ def test_em_trains_the_base_once_and_starts_every_run_from_it(tmp_path):
             *TINY, *BASE, f"dump_dir={tmp_path / dump}", f"tokenizer_cache={tmp_path / 'tok'}",
             f"base.cache_dir={tmp_path / 'bases'}", *extra])
 
-    first = cfg("a")
-    em.run(first)
+    first = cfg("a", "final_estep=true")
+    result = em.run(first)
+    # with no iterations, the final E-step grades the warmstart's thoughts (synthetic: the oracle's
+    # scorer), and the report has its table
+    assert (tmp_path / "a" / "data" / "iter1_latents" / "COMPLETE").is_file()
+    assert "iter1_latents" in result["estep_quality"]
+    assert "Thoughts written by each E-step" in (tmp_path / "a" / "results.md").read_text()
     bases = sorted((tmp_path / "bases").glob("base-*"))
     assert len(bases) == 1 and (bases[0] / base_model.BASE_FILE).is_file()
     consolidated = json.loads((bases[0] / base_model.BASE_FILE).read_text())["consolidated"]
