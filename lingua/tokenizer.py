@@ -18,7 +18,7 @@ No dummy prefix (deliberate, matching the reference's training tokenizer)
     with ``legacy=False, add_prefix_space=False`` (no dummy prefix), while its inference paths
     (vLLM, the finetune ``AutoTokenizer``) used the fast tokenizer, which adds one: the first word
     of a document and of the text after a special token is then tokenized differently at
-    inference than in training (bolt-reference.md §2.2). Here every plain segment is encoded
+    inference than in training (the original BoLT code's tokenization). Here every plain segment is encoded
     WITHOUT a dummy prefix, in every backend and every code path (SentencePiece: the model's
     ``add_dummy_prefix`` is switched off; HF: ``Prepend`` normalizers, Metaspace prepend schemes,
     ByteLevel ``add_prefix_space`` and the matching decoder ``Strip`` are removed at load time),

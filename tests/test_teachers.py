@@ -19,7 +19,7 @@ from lingua.args import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "apps" / "bolt" / "configs"
 
-# The reference texts (bolt-reference.md §3.2 and §3.3), copied verbatim: the prompt files must
+# The reference texts (the original BoLT code's configs/gen/ files), copied verbatim: the prompt files must
 # reproduce them exactly.
 REF_SYSTEM = "You are an advanced AI system, highly knowledgeable and capable of deeply understanding and reasoning through any web document."
 REF_USER = (

@@ -114,7 +114,7 @@ class TeacherJobs:
 
 @dataclass
 class SlurmArgs:
-    """Cluster resources per stage kind (defaults: the reference's, bolt-reference.md section 6)."""
+    """Cluster resources per stage kind (defaults: the original BoLT code's slurm settings)."""
 
     cluster: str = "slurm"
     """submitit executor; ``local`` runs the same jobs as local processes (tests, dry runs)."""

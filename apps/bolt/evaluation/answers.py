@@ -4,7 +4,7 @@ Every task YAML points its filters and ``process_results`` here (through
 :mod:`apps.bolt.evaluation.task_functions`), so the regexes that decide accuracy are the ones the
 answer-extraction test table exercises, not copies pasted into YAML.
 
-Extraction styles, as in the reference harness (bolt-reference.md section 5.2):
+Extraction styles, as in the reference harness (the original BoLT code's lm-eval task files):
 
 * ``strict``: the number right after "answer is" (the exemplars end with
   "The final answer is N. I hope it is correct."); the first such phrase wins.

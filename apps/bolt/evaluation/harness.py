@@ -3,7 +3,7 @@
 by default).
 
 Limits are explicit and reported, never silent (the reference left-truncated every eval prompt to
-1024 tokens without saying so, bolt-reference.md section 5.1):
+1024 tokens without saying so):
 
 * ``context_window``: tokens the model may see (default: the backend's ``max_seq_len``);
 * ``max_gen_tokens``: a cap on new tokens; a task's own ``max_gen_toks`` applies below it;

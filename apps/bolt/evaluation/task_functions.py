@@ -8,7 +8,7 @@ come from the eval formats of :mod:`apps.bolt.formats` (``GSM8K_STYLE``, ``MATH_
 evaluation formats cannot drift. A format's raw target starts with its own delimiter, so every
 YAML sets ``target_delimiter: ""``.
 
-Two variants of every task (bolt-reference.md section 5.2):
+Two variants of every task (the original BoLT code's lm-eval task files):
 
 * **raw**: the question, then the answer text (reasoning then "The final answer is N ...");
 * **latent** (``latent_`` tasks, for latent-trained models): the question ends with the opening of

@@ -7,7 +7,7 @@ steps appears in any training document, whatever the seeds. The ``fewshot``, ``d
 
 The prompt is a worksheet like the training documents: a title line, a blank line, ``k`` solved
 exemplars one per line, then the question. Two variants, as in the reference's GSM8K/MATH tasks
-(bolt-reference.md section 5.2):
+(the original BoLT code's lm-eval task files):
 
 * ``raw``: exemplar = ``question + " " + answer sentence``; the model continues the question
   with the answer sentence ("Solve 3x + 7 = 31." -> " So x = 8.").

@@ -28,7 +28,7 @@ from apps.bolt.teachers.api import PriceArgs
 from apps.bolt.teachers.prompts import PromptSpec
 from lingua.args import parse_args
 
-# Output tokens per raw token, from the reference's plotting ratios (bolt-reference.md §2.8):
+# Output tokens per raw token, from the reference's plotting ratios (the original BoLT code's notebooks):
 # latent data is 3.3x the raw tokens in all, so the latents add 2.3x; a WRAP-Orig paraphrase is
 # 0.48x and a WRAP-CoT paraphrase 0.70x the raw document.
 OUTPUT_RATIO = {"latent_thoughts": 2.3, "wrap_baseline": 0.4808, "wrap_cot": 0.7008}
