@@ -366,6 +366,15 @@ def final_consolidated(run_dir: str | Path) -> tuple[Path, dict]:
     return folder, {**status, "consolidated": str(folder)}
 
 
+def run_name_of(consolidated: str | Path) -> str:
+    """The training run a consolidated model came from (``RUN/checkpoints/STEP/consolidated``,
+    the layout :func:`final_consolidated` reads): its folder name, else the path as given."""
+    path = Path(consolidated)
+    if len(path.parents) > 2 and path.parent.parent.name == "checkpoints":
+        return path.parents[2].name
+    return str(path)
+
+
 def _ids(jobs: Sequence[Any]) -> str:
     ids = [str(j.job_id) for j in jobs]
     return ", ".join(ids[:5]) + (f" ... ({len(ids)})" if len(ids) > 5 else "")

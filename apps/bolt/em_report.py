@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apps.bolt.em_eval import ACCURACY, NLL, THOUGHT
+from apps.bolt.em_exec import run_name_of
 from lingua.io import atomic_write_json, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,9 +83,8 @@ def estep_quality(data: Path) -> dict[str, dict]:
         info = json.loads(lineage.read_text())
         q = info.get("quality")
         if q:
-            model = Path(info.get("model", ""))
-            run = model.parents[2].name if len(model.parents) > 2 and model.parent.parent.name == "checkpoints" else str(model)
-            out[lineage.parent.name] = {**{k: v for k, v in q.items() if k != "tally"}, "model": run,
+            out[lineage.parent.name] = {**{k: v for k, v in q.items() if k != "tally"},
+                                        "model": run_name_of(info.get("model", "")),
                                         "num_samples": info.get("num_samples"), "temperature": info.get("temperature")}
     return out
 
