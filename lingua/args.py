@@ -164,6 +164,17 @@ def _post_validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"invalid config{(' section ' + prefix.rstrip('.')) if prefix else ''}: {e}") from e
 
 
+def check_min(cfg: Any, minimum: int, *names: str, prefix: str = "") -> None:
+    """For ``validate()`` methods: raise a ``ValueError`` naming the first field among ``names``
+    whose value is below ``minimum`` (``None`` passes: it means "the default"). A zero where a
+    count or size must be positive otherwise fails deep inside a run (``range() arg 3 must not
+    be zero``) instead of at the command line."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{prefix}{name} must be >= {minimum}, got {value}")
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """defaults < YAML at ``path`` (with its ``_base_`` chain) < ``overrides`` (dotlist)."""
     data: dict = {}
@@ -232,15 +243,28 @@ def dump_config(cfg: Any, path: str | os.PathLike | None = None) -> str:
     return text
 
 
-def dc_replace(cfg: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that also accepts dotted keys, e.g. ``{"optim.lr": 1e-3}``."""
+def dc_replace(cfg: T, changes: dict[str, Any] | None = None, /, **kw: Any) -> T:
+    """A validated copy of ``cfg`` with some values changed; keys may be dotted
+    (``{"optim.lr": 1e-3}``). Values are Python objects (a dataclass or a mapping replaces the
+    whole section or mapping below its key), so no value goes through text. Unknown keys and bad
+    values raise :class:`ConfigError` as in :func:`load_config`. This is how a program derives a
+    stage's config from a loaded one (the EM driver does it for every stage it runs)."""
     data = to_dict(cfg)
-    nested = _dotlist_to_dict([f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in changes.items()])
-    return from_dict(type(cfg), _deep_merge(data, nested), "replace")
+    for key, value in {**(changes or {}), **kw}.items():
+        node, parts = data, key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"replace: unknown config section '{'.'.join(parts[: i + 1])}'")
+            node = node[p]
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        node[parts[-1]] = dict(value) if isinstance(value, dict) else value
+    return from_dict(type(cfg), data, f"{type(cfg).__name__} (derived)")
 
 
 __all__ = [
     "ConfigError",
+    "check_min",
     "cli_config",
     "DictConfig",
     "dc_replace",

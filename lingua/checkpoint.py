@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lingua.distributed import DistEnv, barrier
 from lingua.io import atomic_write_json, atomic_write_text, is_done, mark_done
+from lingua.locks import disk_full_error
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class CheckpointArgs:
     imported TinyLlama. Ignored when resuming: the run's own checkpoint wins."""
     consolidate: bool = True
     """At the end, also write ``checkpoints/<final step>/consolidated/`` for inference/export."""
+    allow_config_change: bool = False
+    """Resume even though settings that change the run (learning rate, steps, data, ...) differ
+    from the checkpoint's; the change is recorded in the run folder (see ``lingua.trainer``)."""
 
     def validate(self) -> None:
         if self.every < 0 or self.keep < 0:
@@ -103,6 +107,22 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+@contextlib.contextmanager
+def _disk_full_names(folder: Path, remove: bool = False) -> Iterator[None]:
+    """A full disk while writing ``folder`` raises ``OSError(ENOSPC)`` naming it, not torch's
+    ``enforce fail at inline_container.cc``; with ``remove`` the unfinished folder is deleted
+    (it has no marker, so it is never used; this frees its space at once)."""
+    try:
+        yield
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        named = disk_full_error(e, folder)
+        if named is None:
+            raise
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise named from e
 
 
 def _test_pause(step: int) -> None:
@@ -180,14 +200,15 @@ class CheckpointManager:
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-        if self.env.is_main:
-            atomic_write_json(folder / TRAIN_STATE, train_state)
-            atomic_write_text(folder / CONFIG, config_yaml)
-            atomic_write_json(folder / PARAMS, model_params)
-            _test_pause(step)
+        with _disk_full_names(folder, remove=self.env.is_main):
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            with _quiet_single_process():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+            if self.env.is_main:
+                atomic_write_json(folder / TRAIN_STATE, train_state)
+                atomic_write_text(folder / CONFIG, config_yaml)
+                atomic_write_json(folder / PARAMS, model_params)
+                _test_pause(step)
         barrier()
         if self.env.is_main:
             mark_done(folder, {"step": step})
@@ -253,7 +274,8 @@ def consolidate(step_dir: str | os.PathLike, tokenizer: Any = None, out_dir: str
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
     train_state = json.loads((step_dir / TRAIN_STATE).read_text())
-    save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
+    with _disk_full_names(out):
+        save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
     logger.info("consolidated %s -> %s", step_dir, out)
     return out
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from lingua.args import from_dict, to_dict
-from lingua.io import DONE_MARKER, atomic_write_json, is_done, mark_done
+from lingua.io import DONE_MARKER, atomic_open, atomic_write_json, file_listing, is_done, mark_done
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
 from lingua.transformer import Transformer, TransformerArgs
 
@@ -40,17 +39,9 @@ _CHUNK = 1 << 24
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename (no full in-memory copy)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`lingua.io.atomic_open` (streamed: no full in-memory copy)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,6 +94,15 @@ def _require_complete(folder: Path) -> None:
     for name in (WEIGHTS, PARAMS, f"{TOKENIZER_DIR}/{TOKENIZER_ARGS}"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: consolidated checkpoint lacks {name}")
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` is a usable consolidated checkpoint (marker and every file present)."""
+    try:
+        _require_complete(Path(folder))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict:
@@ -161,7 +161,7 @@ def fingerprint(folder: str | os.PathLike, *, _allow_incomplete: bool = False) -
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{folder}: consolidated checkpoint lacks {f.name}")
-    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = file_listing(files, folder)
     cache = folder / FINGERPRINT_CACHE
     if cache.is_file():
         try:

@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lingua.consolidated import fingerprint, load_consolidated, read_extra, save_consolidated
-from lingua.io import DONE_MARKER, atomic_write_json, atomic_write_text, is_done, mark_done
+from lingua.io import DONE_MARKER, atomic_path, atomic_write_json, atomic_write_text, is_done, mark_done
 from lingua.tokenizer import (
     TIKTOKEN_PAT,
     ByteTokenizer,
@@ -328,13 +328,8 @@ def export_hf(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     hf_sd = lingua_to_hf_state_dict(model.state_dict(), model.args)
     hf_sd = {k: v.to(torch_dtype).contiguous() for k, v in hf_sd.items()}
-    with tempfile.NamedTemporaryFile(dir=out, prefix=".model.", suffix=".tmp", delete=False) as tmp:
-        pass
-    try:
-        save_file(hf_sd, tmp.name, metadata={"format": "pt"})
-        os.replace(tmp.name, out / "model.safetensors")
-    finally:
-        Path(tmp.name).unlink(missing_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(hf_sd, str(tmp), metadata={"format": "pt"})
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype}
     config.update(_llama_config_kwargs(model.args, tokenizer))

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from lingua.args import ConfigError, load_config
+from lingua.args import load_config
+from lingua.errors import entry_point
 
 MODES = ("cat", "run", "launch")
 CLUSTERS = ("slurm", "local")
@@ -346,18 +347,15 @@ def run(a: LaunchArgs, stage_argv: list[str]) -> int:
     return 0
 
 
+@entry_point("lingua.launch")
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv or [])
     if "--" in argv:
         cut = argv.index("--")
         own, stage_argv = argv[:cut], argv[cut + 1 :]
     else:
         own, stage_argv = argv, []
-    try:
-        a = load_config(LaunchArgs, None, own)
-    except ConfigError as e:
-        raise SystemExit(f"lingua.launch: {e}") from None
-    raise SystemExit(run(a, stage_argv))
+    raise SystemExit(run(load_config(LaunchArgs, None, own), stage_argv))
 
 
 if __name__ == "__main__":

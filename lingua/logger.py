@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 _HANDLER_TAG = "_lingua_handler"
+_RUN_LOGS: list[Path] = []
 
 
 class _RankFormatter(logging.Formatter):
@@ -41,6 +42,7 @@ def init_logger(log_file: str | os.PathLike | None, rank: int = 0, level: str = 
         handlers.append(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        remember_log_file(log_file)
         file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         file_handler.setFormatter(fmt)
         handlers.append(file_handler)
@@ -48,6 +50,17 @@ def init_logger(log_file: str | os.PathLike | None, rank: int = 0, level: str = 
         setattr(h, _HANDLER_TAG, True)
         root.addHandler(h)
     return root
+
+
+def remember_log_file(path: str | os.PathLike) -> None:
+    """Note a run's log file; the entry point's error handler appends a failure's traceback to it
+    (after the run has closed its handlers). See :mod:`lingua.errors`."""
+    _RUN_LOGS.append(Path(path).absolute())
+
+
+def run_log_files() -> list[Path]:
+    """The log files runs of this process have opened, oldest first (once per opening)."""
+    return list(_RUN_LOGS)
 
 
 def close_logger() -> None:

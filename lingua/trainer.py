@@ -16,19 +16,37 @@ update depended on ``grad_acc_steps``; FSDP gradient sync is also skipped until 
 micro-step here.
 
 Run folder (``dump_dir``): ``config.yaml`` (resolved config, written before any work),
-``metrics.jsonl``, ``train.log``, ``tokenizer/`` (a copy), ``checkpoints/<step:010d>/``.
+``metrics.jsonl``, ``train.log``, ``tokenizer/`` (a copy), ``checkpoints/<step:010d>/``, and
+``.lock`` while a process trains in it (:class:`lingua.locks.RunLock`: a second ``train`` on the
+same folder fails at once naming the holder).
+
+Resuming with other settings: the resumed checkpoint's ``config.yaml`` is compared with the new
+config. Keys that only change how the run is watched or executed may change freely
+(``TrainArgs.RESUME_SAFE``: name, dump_dir, stop_at_step, log_freq, eval_every, evals, ``val.*``,
+``checkpoint.*``, ``logging.*``, ``distributed.*`` (data shards are checked on their own),
+data prefetching; BoLT adds its ``eval.*``). Any other change (learning rate, schedule, steps or
+token budget, batch, data, model, tokenizer, seeds, layout) alters the run from there on, so it is
+refused with one line listing the keys, unless ``checkpoint.allow_config_change=true``: then it is
+appended to ``config_changes.jsonl`` (step, old and new values) and the config that trained up to
+that step is kept as ``config.<step>.yaml``.
+
+Finished runs: rerunning one trains nothing; when its final consolidated folder is missing or
+incomplete (e.g. the process was killed while consolidating) it is rebuilt from the last
+checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +54,12 @@ import torch.nn.functional as F
 
 from lingua import distributed as D
 from lingua.args import ConfigError, dump_config, to_dict
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, capture_rng, consolidate, load_init_checkpoint, restore_rng
+from lingua.checkpoint import CONFIG, CheckpointArgs, CheckpointManager, capture_rng, consolidate, load_init_checkpoint, restore_rng
+from lingua.consolidated import is_complete
 from lingua.data import DataArgs
 from lingua.distributed import DistributedArgs
-from lingua.io import atomic_write_json
+from lingua.io import atomic_write_json, atomic_write_text
+from lingua.locks import LockHeldError, RunLock
 from lingua.logger import Progress, close_logger, init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, memory_stats, mfu, peak_flops, truncate_metrics
 from lingua.optim import OptimArgs, build_optimizer, lr_at, set_lr
@@ -114,6 +134,13 @@ class TrainArgs:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
 
+    RESUME_SAFE: ClassVar[tuple[str, ...]] = (
+        "name", "dump_dir", "stop_at_step", "log_freq", "eval_every", "evals", "val", "checkpoint", "logging",
+        "distributed", "data.prefetch", "data.prefetch_depth",
+    )
+    """Keys (a section name covers its keys) that may change when a run resumes: they change how
+    it is watched, saved or executed, not what it computes. See the module docstring."""
+
     def validate(self) -> None:
         if not self.dump_dir:
             raise ValueError("dump_dir is required (the run folder)")
@@ -170,6 +197,10 @@ class _Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         init_logger(self.dir / "train.log", self.env.rank, cfg.logging.level.upper())
         self.config_yaml = dump_config(cfg)
+        self.ckpt = CheckpointManager(self.dir / "checkpoints", cfg.checkpoint, self.env)
+        self.resume_dir = self.ckpt.latest()
+        if self.resume_dir is not None:
+            _check_resume_config(cfg, self.dir, self.resume_dir, self.config_yaml, self.env.is_main)
         if self.env.is_main:
             dump_config(cfg, self.dir / "config.yaml")
             logger.info("resolved config:\n%s", self.config_yaml)
@@ -183,8 +214,7 @@ class _Run:
     # -------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
-        self.ckpt = CheckpointManager(self.dir / "checkpoints", cfg.checkpoint, env)
-        resume_dir = self.ckpt.latest()
+        resume_dir = self.resume_dir
         saved = _read_train_state(resume_dir) if resume_dir else None
         self.data_shards = _resolve_shards(cfg.distributed.data_shards, env.world_size, saved)
         self.total = cfg.total_steps(self.data_shards)
@@ -330,7 +360,6 @@ class _Run:
         progress = Progress(self.total, self.step)
         step_tokens = cfg.global_batch(self.data_shards) * cfg.data.seq_len
         window_s, window_steps = 0.0, 0  # time in train_step only: saves and evals excluded
-        start_step = self.step
         end = min(self.total, self.cfg.stop_at_step) if self.cfg.stop_at_step > 0 else self.total
         while self.step < end:
             t0 = time.perf_counter()
@@ -364,17 +393,28 @@ class _Run:
                 record.update(last["eval"])
             if record and self.metrics is not None:
                 self.metrics.log({"step": self.step, **record})
-        consolidated = None
-        if cfg.checkpoint.consolidate and last["checkpoint"] and self.step == self.total and start_step < self.total:
-            D.barrier()
-            if env.is_main:
-                consolidated = str(consolidate(last["checkpoint"], self.tokenizer))
-            D.barrier()
+        finished = self.step == self.total
+        consolidated = self.consolidate_final(last["checkpoint"] or self.resumed_from) if finished else None
         return {
             "run_dir": str(self.dir), "step": self.step, "total_steps": self.total, "resumed_from": self.resumed_from,
             "losses": losses, "final_loss": losses.get(self.step), "val": last["val"], "eval": last["eval"],
             "checkpoint": last["checkpoint"], "consolidated": consolidated, "tokens_seen": self.global_tokens_seen(),
         }
+
+    def consolidate_final(self, step_dir: str | None) -> str | None:
+        """The final step's consolidated folder, written when it is missing or incomplete: after
+        training, and on a rerun of a finished run whose consolidation was killed."""
+        if not self.cfg.checkpoint.consolidate or step_dir is None:
+            return None
+        folder = Path(step_dir) / "consolidated"
+        if not is_complete(folder):
+            if step_dir == self.resumed_from:
+                logger.warning("%s is incomplete (killed while consolidating?): rebuilding it", folder)
+            D.barrier()
+            if self.env.is_main:
+                consolidate(step_dir, self.tokenizer)
+            D.barrier()
+        return str(folder)
 
     def close(self) -> None:
         for it in getattr(self, "iters", {}).values():
@@ -408,18 +448,96 @@ def _resolve_shards(configured: int, world: int, saved: dict | None) -> int:
     return shards
 
 
+CONFIG_CHANGES = "config_changes.jsonl"
+"""Run-folder log of the settings changed on resume with ``checkpoint.allow_config_change``."""
+_ABSENT = object()
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the config's fields (a dict-valued field, e.g. ``data.sources``, is one key)."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys += _leaf_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _check_resume_config(cfg: TrainArgs, run_dir: Path, resume_dir: Path, config_yaml: str, is_main: bool) -> None:
+    """Refuse (or, with ``checkpoint.allow_config_change``, record) settings that differ from the
+    ones the resumed checkpoint was trained with; see the module docstring."""
+    import yaml
+
+    saved_text = (resume_dir / CONFIG).read_text()
+    old, new = yaml.safe_load(saved_text) or {}, yaml.safe_load(config_yaml)
+    safe = type(cfg).RESUME_SAFE
+    changed = {}
+    for key in _leaf_keys(cfg):
+        if any(key == s or key.startswith(s + ".") for s in safe):
+            continue
+        before, after = _lookup(old, key), _lookup(new, key)
+        if before is not _ABSENT and before != after:  # absent: a key added since the run started
+            changed[key] = {"old": before, "new": after}
+    if not changed:
+        return
+    step = _read_train_state(resume_dir)["step"]
+    shown = ", ".join(f"{k} {v['old']!r} -> {v['new']!r}" for k, v in changed.items())
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"{run_dir} resumes at step {step} with changed settings: {shown}; restore them, use a new dump_dir, "
+            f"or pass checkpoint.allow_config_change=true to continue with them (recorded in {CONFIG_CHANGES})"
+        )
+    logger.warning("resuming at step %d with changed settings (allowed): %s", step, shown)
+    if is_main:
+        atomic_write_text(run_dir / f"config.{step}.yaml", saved_text)  # the config of steps 1..step
+        record = {"step": step, "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "checkpoint": str(resume_dir), "changes": changed}
+        with open(run_dir / CONFIG_CHANGES, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def _lock_run_folder(folder: Path, env: D.DistEnv) -> Iterator[None]:
+    """Hold the run folder's lock (:mod:`lingua.locks`) for the whole call. Rank 0 takes it; when
+    it cannot, every rank raises (none is left waiting in a collective)."""
+    lock = RunLock(folder, "train") if env.is_main else None
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = e
+    message = D.all_gather_object(None if failure is None else str(failure))[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise LockHeldError(f"rank 0 could not lock the run folder: {message}")
+    with lock if lock is not None else contextlib.nullcontext():
+        yield
+
+
 def train(cfg: TrainArgs, *, format_fn: Any = None, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
     """Train (or resume training) as configured; returns a summary dict (run_dir, step,
     losses by step, final_loss, val and eval results, last checkpoint, consolidated folder)."""
     started_pg = not D.dist.is_initialized()
-    run = None
     try:
-        run = _Run(cfg, format_fn, eval_hooks)
-        run.setup()
-        return run.loop()
+        with _lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
+            run = None
+            try:
+                run = _Run(cfg, format_fn, eval_hooks)
+                run.setup()
+                return run.loop()
+            finally:
+                if run is not None:
+                    run.close()
     finally:
-        if run is not None:
-            run.close()
         close_logger()
         if started_pg:
             D.destroy_distributed()

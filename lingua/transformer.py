@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lingua.args import check_min
 from lingua.kv_cache import KVCache
 
 
@@ -57,6 +58,9 @@ class TransformerArgs:
     seed: int = 42
 
     def validate(self) -> None:
+        check_min(self, 1, "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "multiple_of", "max_seqlen")
+        if self.vocab_size == 0 or self.vocab_size < -1:
+            raise ValueError(f"vocab_size must be >= 1 (or -1: from the tokenizer), got {self.vocab_size}")
         if self.dim % self.n_heads and self.head_dim is None:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         kv = self.n_kv_heads or self.n_heads

@@ -17,6 +17,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from lingua.errors import entry_point
+
 
 def latent_tokens() -> tuple[str, ...]:
     from apps.bolt.formats import SPECIAL_TOKENS
@@ -50,13 +52,10 @@ def run(args: argparse.Namespace) -> str:
     return str(export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite))
 
 
+@entry_point("convert_hf")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"convert_hf {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    out = run(args)
     print(f"convert_hf {args.command}: wrote {out}")
     return 0
 

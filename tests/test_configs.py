@@ -35,6 +35,14 @@ def _schema(name: str):
         from apps.bolt.gen_latents import GenLatentsArgs
 
         return GenLatentsArgs, ["src=x", "out=y"]
+    if name.startswith("finetune_sweep_"):
+        from apps.bolt.finetune_sweep import SweepArgs
+
+        return SweepArgs, []
+    if name.startswith("finetune_"):
+        from apps.bolt.finetune import FinetuneArgs
+
+        return FinetuneArgs, ["ckpt=x", "out=y"]
     if name.startswith("prepare_"):
         from apps.bolt.prepare import PrepareArgs
 

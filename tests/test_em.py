@@ -135,3 +135,26 @@ def test_em_config_errors(tmp_path):
         _cfg(tmp_path, "baselines=[raw_repeat]")
     with pytest.raises(ConfigError, match="mstep_init"):
         _cfg(tmp_path, "mstep_init=last")
+
+
+def test_finetune_eval_adds_its_columns(em_run):
+    """``finetune_eval``: every model is finetuned and sample-evaluated; its accuracy (binomial SE
+    for one trial) joins the model's row and the table."""
+    from apps.bolt.em_report import aggregate, format_table
+
+    tmp, cfg, result = em_run
+    cfg2 = _cfg(tmp, f"dump_dir={cfg.dump_dir}", "finetune_eval=true", "finetune.overrides=[data.synthetic_train=40, "
+                "data.synthetic_test=6, train.epochs=1, eval.n=2, eval.max_new_tokens=24, eval.context_window=0]")
+    d = em.EMDriver(cfg2)
+    d.check_stages()
+    row = next(r for r in result["rows"] if r["run"] == "iter1_t0")
+    ck = Path(json.loads((Path(cfg.dump_dir) / "runs" / "iter1_t0" / "final_consolidated.json").read_text())["consolidated"])
+    got = d.finetune_eval("iter1_t0", ck)
+    assert got["finetune_n_problems"] == 6 and got["finetune_samples_per_problem"] == 2
+    assert 0.0 <= got["finetune_accuracy"] <= 1.0 and {"finetune_pass@2", "finetune_maj@2"} <= set(got)
+    assert d.finetune_eval("iter1_t0", ck) == got  # complete: read back, not redone
+    assert _stages(Path(cfg.dump_dir)).count("finetune:iter1_t0") == 1
+    lines = aggregate([{**row, **got}])
+    assert lines[0]["finetune_accuracy"] == got["finetune_accuracy"]
+    assert lines[0]["finetune_accuracy_se"] == pytest.approx(got["finetune_accuracy_se"])
+    assert "finetuned accuracy" in format_table(lines) and "finetuned accuracy" not in format_table(aggregate([row]))

@@ -46,3 +46,37 @@ def test_held_out_elbo_uses_the_estep_chunking(tmp_path):
     assert ecfg.chunk == est.chunk and ecfg.chunk.units_per_chunk == 2 and ecfg.chunk.prefix_chunks == 3
     text = "Practice set 1\n\nSolve 3x + 7 = 31. So x = 8.\nFind 60% of 45. That is 27.\nSolve x / 2 + 3 = 7. So x = 8."
     assert len(chunk_text(text, ecfg.chunk)) > len(chunk_text(text, ChunkArgs(random=False, all_prefix=True)))
+
+
+def test_every_stage_config_is_checked_before_the_first_stage(tmp_path):
+    """A bad stage setting fails in seconds, before prepare or any training (it used to fail when
+    its stage started: a K ablation of 0 after the warmstart had trained)."""
+    from lingua.args import ConfigError
+
+    with pytest.raises(ConfigError, match="k_ablation"):
+        _cfg(tmp_path, "k_ablation=[2,0]")
+    cases = {
+        "train.overrides=[optim.lrr=0.1]": "train stage .*optim.lrr",
+        "estep.overrides=[posterior.selection=best]": "estep stage .*selection",
+        "eval.overrides=[harness.nope=1]": "eval stage .*harness.nope",
+        "base.overrides=[model.dimm=8]": "train stage .*model.dimm",
+    }
+    for override, message in cases.items():
+        cfg = _cfg(tmp_path, override, f"dump_dir={tmp_path / 'em'}", "base.tokens=1000")
+        with pytest.raises(ConfigError, match=message):
+            em.run(cfg)
+        assert not (tmp_path / "em" / "data").exists(), override  # nothing ran
+
+
+def test_stage_configs_are_derived_with_typed_values(tmp_path):
+    d = em.EMDriver(_cfg(tmp_path, "k_ablation=[3]", "estep.overrides=[posterior.num_samples=4]"))
+    d.tokenizer_changes = {"tokenizer.name": "bytes", "tokenizer.path": None, "tokenizer.special_tokens": ["<a>", "<b>"]}
+    t = d.train_config("iter1_t1", {"iter1_latents": 0.5, "x,y": 0.5}, "random", 1234, 1, "some/init")
+    assert (t.name, t.num_tokens, t.seed, t.data.seed, t.model.seed, t.layout.name) == ("iter1_t1", 1234, 1, 1, 1, "random")
+    assert dict(t.data.sources) == {"iter1_latents": 0.5, "x,y": 0.5}  # a name no dotlist could carry
+    assert t.tokenizer.special_tokens == ["<a>", "<b>"] and t.checkpoint.init_ckpt_path == "some/init"
+    e = d.estep_config("iter1_k3", "CKPT", 3, {"limit_docs": 7})
+    assert (e.posterior.num_samples, e.posterior.elbo_samples, e.limit_docs, e.ckpt) == (3, [1, 2], 7, "CKPT")
+    assert e.out == str(d.data / "iter1_k3_latents")
+    k_main = d.estep_config("iter1", "CKPT").posterior.num_samples
+    assert k_main == 4 and d.loaded("estep") is d.loaded("estep") and d.loaded("estep").posterior.num_samples == k_main  # loaded once, not changed

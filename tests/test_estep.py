@@ -16,6 +16,7 @@ import torch
 
 from apps.bolt import estep
 from apps.bolt.formats import EOL, POST, PRIOR, SOL, SPECIAL_TOKENS
+from apps.bolt.posterior import compute_elbo
 from lingua.args import load_config
 from lingua.consolidated import save_consolidated
 from lingua.generation import Engine
@@ -240,7 +241,7 @@ def test_compute_elbo_matches_per_chunk_bounds_and_orders(world):
     model, tok = load_consolidated(ckpt)
     engine = Engine(model, tok)
     docs = DOCS[:2]
-    out = estep.compute_elbo(engine, docs, num_samples=[4, 1, 2], seed=3, max_latent_tokens=8)
+    out = compute_elbo(engine, docs, elbo_samples=[4, 1, 2], seed=3, max_latent_tokens=8)
     chars = sum(map(len, docs))
     assert set(out) == {f"elbo_{n}_{u}" for n in (1, 2, 4) for u in ("per_token", "per_char", "per_doc")}
     # byte tokenizer: one token per character of these ASCII docs
@@ -248,7 +249,26 @@ def test_compute_elbo_matches_per_chunk_bounds_and_orders(world):
     assert out["elbo_4_per_doc"] == pytest.approx(out["elbo_4_per_char"] * chars / 2)
     assert out["elbo_1_per_token"] < 0
     # the same seed reproduces (the order of num_samples does not matter)
-    assert estep.compute_elbo(engine, docs, num_samples=[1, 2, 4], seed=3, max_latent_tokens=8) == out
+    assert compute_elbo(engine, docs, elbo_samples=[1, 2, 4], seed=3, max_latent_tokens=8) == out
+
+
+def test_per_token_elbo_counts_only_the_scored_tokens_of_a_cut_suffix(world):
+    """A sentence longer than the window is cut for scoring; its per-token ELBO divides by the
+    tokens it covers (it was once divided by all of them: -0.2 nats/token instead of about -4)."""
+    root, ckpt, _ = world
+    from lingua.consolidated import load_consolidated
+
+    model, tok = load_consolidated(ckpt)
+    engine = Engine(model, tok)
+    short = ["A short line of text that fits. Another one that fits too."]
+    long = ["x" * 2000 + "."]  # one sentence, 4x the 512-token window of the byte model
+    fits = compute_elbo(engine, short, elbo_samples=[1], seed=0, max_latent_tokens=8)["elbo_1_per_token"]
+    cut = compute_elbo(engine, long, elbo_samples=[1], seed=0, max_latent_tokens=8)
+    # an untrained byte model: about -log(vocab) nats per scored token either way
+    assert fits == pytest.approx(cut["elbo_1_per_token"], rel=0.25)
+    assert cut["elbo_1_per_token"] < -3
+    # per char divides by all characters, so it is smaller in magnitude than per token here
+    assert cut["elbo_1_per_char"] > cut["elbo_1_per_token"] / 3
 
 
 def test_merge_streams_records_with_unicode_line_separators(tmp_path):

@@ -402,30 +402,24 @@ def test_validation_nll_is_positive_and_exact(model, tok):
     assert got["val/val/docs_truncated"] == 1 and got["val/val/tokens"] == tokens
 
 
-def test_elbo_hook_calls_the_estep_seam(model, tok, monkeypatch):
+def test_elbo_hook_schedules_and_names_the_posterior_elbo(model, tok):
     calls = []
 
-    def fake_compute_elbo(backend, docs, *, num_samples, chunking, full_prefix, seed):
-        calls.append((type(backend).__name__, list(docs), num_samples, chunking, full_prefix, seed))
-        return {f"elbo_{n}_per_token": -1.0 / n for n in num_samples}
+    def fake_compute_elbo(backend, docs, *, elbo_samples, seed):
+        calls.append((type(backend).__name__, list(docs), elbo_samples, seed))
+        return {f"elbo_{n}_per_token": -1.0 / n for n in elbo_samples}
 
-    hook = T.ValidationELBO(DOCS[:2], tok, num_samples=(4, 1, 2), every=10, final_step=25, compute_elbo=fake_compute_elbo)
+    hook = T.ValidationELBO(DOCS[:2], tok, elbo_samples=(4, 1, 2), every=10, final_step=25, compute_elbo=fake_compute_elbo)
     assert hook(model, 5, Path(".")) == {}  # not due
     assert hook(model, 20, Path(".")) == {"val/heldout/elbo_1_per_token": -1.0, "val/heldout/elbo_2_per_token": -0.5, "val/heldout/elbo_4_per_token": -0.25}
     assert hook(model, 25, Path("."))  # the final step
-    assert calls[0] == ("Engine", DOCS[:2], [1, 2, 4], "uniform", True, 0) and len(calls) == 2
-
-    monkeypatch.setattr(T, "ELBO_FUNCTION", "tests.no_such_module.compute_elbo")
-    assert T.find_compute_elbo() is None
-    with pytest.raises(T.ElboUnavailable, match="no_such_module"):
-        T.ValidationELBO(DOCS, tok)
+    assert calls[0] == ("Engine", DOCS[:2], [1, 2, 4], 0) and len(calls) == 2
+    with pytest.raises(ValueError, match="elbo_samples"):
+        T.ValidationELBO(DOCS, tok, elbo_samples=(0, 2))
 
 
-def test_elbo_hook_with_the_estep(model, tok):
-    """The real E-step function behind the seam, on the tiny model (skipped in a checkout without it)."""
-    if T.find_compute_elbo() is None:
-        pytest.skip(f"{T.ELBO_FUNCTION} not in this checkout")
-    got = T.ValidationELBO(DOCS[:2], tok, num_samples=(1, 2))(model, 1, Path("."))
+def test_elbo_hook_with_the_posterior_elbo(model, tok):
+    got = T.ValidationELBO(DOCS[:2], tok, elbo_samples=(1, 2))(model, 1, Path("."))
     assert set(got) >= {"val/heldout/elbo_1_per_token", "val/heldout/elbo_2_per_token", "val/heldout/elbo_2_per_char"}
     assert all(math.isfinite(v) and v < 0 for v in got.values())
 
@@ -433,16 +427,16 @@ def test_elbo_hook_with_the_estep(model, tok):
 def test_build_eval_hooks_and_task_hook(model, tok, tiny_tasks, tmp_path, monkeypatch, caplog):
     docs = tmp_path / "val.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS) + json.dumps({"text": ""}) + "\n")
-    monkeypatch.setattr(T, "ELBO_FUNCTION", "tests.no_such_module.compute_elbo")
-    args = T.InTrainingEvalArgs(val_docs=str(docs), tasks="tiny_arith", data_root=str(tiny_tasks.data_root),
+    args = T.InTrainingEvalArgs(val_docs=str(docs), elbo="off", tasks="tiny_arith", data_root=str(tiny_tasks.data_root),
                                 harness=HarnessOptions(max_gen_tokens=16))
     monkeypatch.setattr("apps.bolt.evaluation.tasks.TASKS_DIR", tiny_tasks.include_path)
     with caplog.at_level("WARNING"):
         hooks = T.build_eval_hooks(args, tok, layout="random")
     assert [type(h).__name__ for h in hooks] == ["ValidationNLL", "TaskEvalHook"]
-    assert "validation ELBO is not computed" in caplog.text and "skipped 1 records" in caplog.text
-    with pytest.raises(T.ElboUnavailable):
-        T.build_eval_hooks(T.InTrainingEvalArgs(val_docs=str(docs), elbo="on"), tok, layout="raw")
+    assert "skipped 1 bad line(s)" in caplog.text and "val.jsonl:4: blank text" in caplog.text
+    assert [type(h).__name__ for h in T.build_eval_hooks(T.InTrainingEvalArgs(val_docs=str(docs)), tok, layout="random")] == ["ValidationNLL", "ValidationELBO"]
+    assert [type(h).__name__ for h in T.build_eval_hooks(T.InTrainingEvalArgs(val_docs=str(docs)), tok, layout="raw")] == ["ValidationNLL"]
+    assert [type(h).__name__ for h in T.build_eval_hooks(T.InTrainingEvalArgs(val_docs=str(docs), elbo="on"), tok, layout="raw")] == ["ValidationNLL", "ValidationELBO"]
 
     got = hooks[1](model, 3, tmp_path)
     assert set(got) == {"eval/tiny_arith/exact_match/flexible-extract"}

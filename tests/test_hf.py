@@ -183,7 +183,9 @@ def test_cli_import_export(hf_folders, tmp_path, capsys):
     assert all(t in tok.special_ids for t in LATENT)
     assert convert_main(["export", "--ckpt", str(tmp_path / "c"), "--out", str(tmp_path / "h")]) == 0
     assert (tmp_path / "h" / "COMPLETE").is_file()
-    assert convert_main(["import", "--hf-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    with pytest.raises(SystemExit) as failed:
+        convert_main(["import", "--hf-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert failed.value.code == 1
     err = capsys.readouterr().err
     assert "no config.json" in err and str(tmp_path / "nothing") in err
 

@@ -179,6 +179,39 @@ def test_chat_failure_fails_shard_and_rerun_sends_only_the_failed_request(tmp_pa
     assert [[c["latent"] for c in r["chunks"]] for r in recs] == expected_latents(recs)
 
 
+@pytest.mark.parametrize("backend", ["openai_chat", "openai_batch"])
+def test_unreachable_server_fails_fast_with_one_line_naming_the_url(tmp_path, monkeypatch, capfd, backend):
+    """Fault 7: connection refused was retried 8 times with backoff per request (200 s for 4
+    requests) and ended in ``APIConnectionError: Connection error.`` without the URL."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    synthetic_source(tmp_path / "src", 4)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'out'}", f"backend={backend}", f"api.base_url={url}", "progress=false"])
+    assert time.monotonic() - t0 < 15 and e.value.code == 1
+    err = [line for line in capfd.readouterr().err.splitlines() if "error" in line.lower()]
+    assert err == [f"apps.bolt.gen_latents: error: cannot connect to the teacher server at {url} "
+                   "(connection refused, 3 attempt(s)); is it running, and is api.base_url right?"], err
+
+
+def test_gen_latents_prints_each_console_line_once(tmp_path):
+    """Fault 7: every console line of gen_latents appeared twice (the root logger's console
+    handler printed what the run's own handler had already printed)."""
+    synthetic_source(tmp_path / "src", 3)
+    proc = subprocess.run([sys.executable, "-m", "apps.bolt.gen_latents", f"src={tmp_path / 'src'}",
+                           f"out={tmp_path / 'out'}", "backend=oracle", "progress=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    both = (proc.stdout + proc.stderr).splitlines()
+    assert len([line for line in both if "merged 1 shard(s) into" in line]) == 1, both
+    assert len([line for line in both if "shard 0/1 done" in line]) == 1, both
+
+
 def test_wrap_methods_through_the_chat_backend(tmp_path, fake):
     synthetic_source(tmp_path / "src", 12)
     run(cfg_for(tmp_path, fake, "wrap", backend="openai_chat", method="wrap_baseline", num_repeats=2))

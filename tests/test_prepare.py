@@ -242,7 +242,7 @@ def test_parquet_source_and_extra_set(tmp_path):
 def test_offline_hf_source_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([f"out_dir={tmp_path}", "source.kind=hf", "source.name=HuggingFaceTB/finemath", "source.config=finemath-4plus"])
-    assert e.value.code == 2
+    assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prepare: error: source kind 'hf' needs the Hugging Face Hub")
     assert "offline" in err[0] and "source.kind=parquet" in err[0]

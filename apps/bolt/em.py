@@ -44,7 +44,8 @@ from typing import Any
 
 from apps.bolt.em_args import BASELINES, EMArgs, StageConfig  # noqa: F401  (re-exported)
 from apps.bolt.em_exec import Branches, build_stages, final_consolidated
-from lingua.args import cli_config, dump_config, load_config
+from lingua.args import ConfigError, cli_config, dc_replace, dump_config, load_config
+from lingua.errors import entry_point
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
 logger = logging.getLogger("apps.bolt.em")
@@ -59,7 +60,8 @@ class EMDriver:
         self.data = self.root / "data"
         self.runs = self.root / "runs"
         self.ledger = self.root / "stages.jsonl"
-        self.tokenizer_overrides: list[str] = []
+        self.tokenizer_changes: dict[str, Any] = {}  # the synthetic tokenizer, once trained
+        self._loaded: dict[Any, Any] = {}
         self.base_init = cfg.base_ckpt
         self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local, cfg.device)
         self._ledger_lock = threading.Lock()
@@ -91,10 +93,13 @@ class EMDriver:
         return out
 
     # -- stages -------------------------------------------------------------------------------
+    def prepare_config(self):
+        return dc_replace(self.loaded("prepare"), out_dir=str(self.data))
+
     def prepare(self) -> None:
         from apps.bolt import prepare
 
-        pcfg = load_config(prepare.PrepareArgs, self.cfg.prepare.config, [*self.cfg.prepare.overrides, f"out_dir={self.data}"])
+        pcfg = self.prepare_config()
         names = [pcfg.val.name, *(s.name for s in pcfg.subsets), *(e.name for e in pcfg.extra)]
         self._stage("prepare", lambda: all(is_done(self.data / n) for n in names), lambda: prepare.run(pcfg))
 
@@ -104,18 +109,47 @@ class EMDriver:
         from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
 
         targs = get_synthetic_tokenizer(self.cfg.tokenizer_cache)
-        self.tokenizer_overrides = [
-            f"tokenizer.name={targs.name}",
-            f"tokenizer.path={targs.path}",
-            f"tokenizer.special_tokens={json.dumps(list(targs.special_tokens))}",
-        ]
+        self.tokenizer_changes = {"tokenizer.name": targs.name, "tokenizer.path": targs.path,
+                                  "tokenizer.special_tokens": list(targs.special_tokens)}
 
     def tokenizer_args(self):
         """The tokenizer every model of the run uses (the train config's, or the synthetic one)."""
-        from apps.bolt.train import BoltTrainArgs
+        return dc_replace(self.loaded("train"), self.tokenizer_changes).tokenizer
 
-        overrides = [*self.cfg.train.overrides, *self.tokenizer_overrides, "dump_dir=unused"]  # required, not used
-        return load_config(BoltTrainArgs, self.cfg.train.config, overrides).tokenizer
+    # -- stage configs: each stage's YAML + overrides loaded once, then derived with typed values --
+    def loaded(self, stage: str, extra: tuple[str, ...] = ()) -> Any:
+        """The config of ``stage`` (prepare, teacher, train, estep, eval) as its YAML and the
+        experiment's overrides give it, with placeholders for the paths the driver sets; cached.
+        ``extra``: more overrides (the base model's ``base.overrides``)."""
+        key = (stage, extra)
+        if key not in self._loaded:
+            section = getattr(self.cfg, stage)
+            cls, required = _stage_class(stage)
+            placeholders = [f"{k}=unset.{k}" for k in required]  # distinct, so checks like src != out pass
+            try:
+                self._loaded[key] = load_config(cls, section.config, [*section.overrides, *extra, *placeholders])
+            except ConfigError as e:
+                raise ConfigError(f"{stage} stage ({stage}.config / {stage}.overrides): {e}") from None
+        return self._loaded[key]
+
+    def check_stages(self) -> None:
+        """Build every stage config the experiment will run (K ablations, baselines, base and
+        evaluation included) before the first stage starts, so a bad setting fails in seconds,
+        not after hours of training."""
+        c = self.cfg
+        self.prepare_config()
+        self.teacher_config()
+        if c.base.tokens:
+            self.train_config("base", dict(c.base.sources), "raw", c.base.tokens, c.base.seed, c.base_ckpt,
+                              run_dir=Path("unused"), extra=c.base.overrides)
+        self.train_config("check", "warmstart_latents", "random", c.warmstart_tokens, 0, c.base_ckpt)
+        self.train_config("check", self.bootstrap_name, "raw", c.mstep_tokens, 0, c.base_ckpt)
+        for k in [None, *c.k_ablation]:
+            self.estep_config("check", "unused", k)
+        for latent in (True, False):
+            self.eval_config("check", "unused", latent)
+        if c.finetune_eval:
+            self.finetune_config("check", "unused")
 
     @property
     def bootstrap_name(self) -> str:
@@ -167,40 +201,26 @@ class EMDriver:
         atomic_write_json(self.root / "base.json", {"folder": str(folder), "recipe_hash": base_model.recipe_hash(r)})
         return str(out[0] if out else base_model.cached_base(folder, r))
 
-    def teacher(self) -> None:
-        from apps.bolt import gen_latents
+    def teacher_config(self, src: str = "warmstart", out: str = "warmstart_latents"):
+        """The teacher's config, writing thoughts for the dataset ``src`` into ``out`` (of ``DUMP/data``)."""
+        return dc_replace(self.loaded("teacher"), {"src": str(self.data / src), "out": str(self.data / out), "progress": False})
 
+    def teacher(self) -> None:
         out = self.data / "warmstart_latents"
-        tcfg = load_config(
-            gen_latents.GenLatentsArgs, self.cfg.teacher.config,
-            [*self.cfg.teacher.overrides, f"src={self.data / 'warmstart'}", f"out={out}", "progress=false"],
-        )
+        tcfg = self.teacher_config()
         self._stage("teacher", lambda: is_done(out), lambda: self.stages.teacher(tcfg))
 
     def train_config(self, name: str, source: str | dict[str, float], layout: str, tokens: int, seed: int,
                      init: str = "", run_dir: Path | None = None, extra: list[str] = ()):
         """The resolved config of one training run (warmstart, M-step, baseline or base); ``source``:
         a dataset of ``DUMP/data`` or a dict of datasets and weights."""
-        from apps.bolt.train import BoltTrainArgs
-
-        run_dir = run_dir or self.runs / name
-        sources = {source: 1.0} if isinstance(source, str) else source
-        overrides = [
-            *self.cfg.train.overrides,
-            *extra,
-            *self.tokenizer_overrides,
-            f"name={name}",
-            f"dump_dir={run_dir}",
-            f"data.root_dir={self.data}",
-            f"data.sources={json.dumps(sources)}",
-            f"layout.name={layout}",
-            f"num_tokens={tokens}",
-            f"seed={seed}",
-            f"data.seed={seed}",
-            f"model.seed={seed}",
-            f"checkpoint.init_ckpt_path={init}",
-        ]
-        return load_config(BoltTrainArgs, self.cfg.train.config, overrides)
+        sources = {source: 1.0} if isinstance(source, str) else dict(source)
+        return dc_replace(self.loaded("train", tuple(extra)), {
+            **self.tokenizer_changes,
+            "name": name, "dump_dir": str(run_dir or self.runs / name), "data.root_dir": str(self.data),
+            "data.sources": sources, "layout.name": layout, "num_tokens": tokens,
+            "seed": seed, "data.seed": seed, "model.seed": seed, "checkpoint.init_ckpt_path": init,
+        })
 
     def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "") -> Path:
         """Train one model; returns its consolidated folder."""
@@ -228,37 +248,50 @@ class EMDriver:
         self._stage(f"train:{name}", done, work)
         return Path(json.loads(final.read_text())["consolidated"])
 
-    def estep_config(self, name: str, ckpt: Path | str, extra: list[str] = ()):
-        from apps.bolt.estep import EStepArgs
+    def estep_config(self, name: str, ckpt: Path | str, k: int | None = None, changes: dict[str, Any] | None = None):
+        """One E-step's config; ``k``: the K of an ablation (else the estep config's own);
+        ``changes``: more values (dotted keys), e.g. ``{"limit_docs": 100}``."""
+        derived: dict[str, Any] = {"ckpt": str(ckpt), "src": str(self.data / self.bootstrap_name),
+                                   "out": str(self.data / f"{name}_latents"), "device": self.cfg.device}
+        if k is not None:
+            derived.update({"posterior.num_samples": k, "posterior.elbo_samples": [n for n in (1, 2, 4) if n <= k]})
+        return dc_replace(self.loaded("estep"), {**derived, **(changes or {})})
 
-        overrides = [*self.cfg.estep.overrides, *extra, f"ckpt={ckpt}", f"src={self.data / self.bootstrap_name}",
-                     f"out={self.data / f'{name}_latents'}", f"device={self.cfg.device}"]
-        return load_config(EStepArgs, self.cfg.estep.config, overrides)
-
-    def estep_run(self, name: str, ckpt: Path, extra: list[str] = ()) -> Path:
-        ecfg = self.estep_config(name, ckpt, extra)
+    def estep_run(self, name: str, ckpt: Path, k: int | None = None, changes: dict[str, Any] | None = None) -> Path:
+        ecfg = self.estep_config(name, ckpt, k, changes)
         self._stage(f"estep:{name}", lambda: is_done(ecfg.out), lambda: self.stages.estep(name, ecfg))
         return Path(ecfg.out)
 
     def eval_config(self, name: str, ckpt: Path | str, latent: bool):
         """The resolved config of one model's evaluation (:mod:`apps.bolt.em_eval`)."""
         from apps.bolt.em_eval import ModelEvalArgs
-        from apps.bolt.eval import EvalArgs
 
         c = self.cfg
         data_root = str(self.data) if c.eval_data_root is None else c.eval_data_root
-        tasks = load_config(EvalArgs, c.eval.config, [
-            *c.eval.overrides, f"ckpt={ckpt}", f"data_root={data_root}", f"variant={'latent' if latent else 'raw'}",
-            f"device={c.device}",
-        ])
+        tasks = dc_replace(self.loaded("eval"), {"ckpt": str(ckpt), "data_root": data_root,
+                                                 "variant": "latent" if latent else "raw", "device": c.device})
+        estep = self.loaded("estep")  # the held-out ELBO samples thoughts as the E-step does
         cfg = ModelEvalArgs(
             name=name, ckpt=str(ckpt), latent=latent, out=str(self.root / "evals" / name), tasks=tasks,
             val_dir=str(self.data / "validation"), val_docs=c.eval_val_docs, elbo_docs=c.eval_elbo_docs,
-            max_latent_tokens=self.estep_config("eval", ckpt).posterior.max_latent_tokens, device=c.device,
-            chunk=self.estep_config("eval", ckpt).chunk,
+            max_latent_tokens=estep.posterior.max_latent_tokens, device=c.device, chunk=estep.chunk,
         )
         cfg.validate()
         return cfg
+
+    def finetune_config(self, name: str, ckpt: Path | str):
+        """One model's finetuning evaluation (:mod:`apps.bolt.finetune`), in ``DUMP/finetune/<name>``."""
+        return dc_replace(self.loaded("finetune"), ckpt=str(ckpt), out=str(self.root / "finetune" / name))
+
+    def finetune_eval(self, name: str, ckpt: Path) -> dict:
+        """``finetune_*`` columns of the model's row: accuracy (mean over samples) and its SE over
+        problems, pass@k, maj@k, problems, samples per problem."""
+        from apps.bolt.finetune import RESULT as FT_RESULT
+
+        fcfg = self.finetune_config(name, ckpt)
+        self._stage(f"finetune:{name}", lambda: is_done(fcfg.out), lambda: self.stages.finetune(name, fcfg))
+        metrics = json.loads((Path(fcfg.out) / FT_RESULT).read_text())["metrics"]
+        return {f"finetune_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def evaluate(self, name: str, ckpt: Path, latent: bool) -> dict:
         from apps.bolt.em_eval import RESULT
@@ -281,7 +314,7 @@ class EMDriver:
             stamp = _stamp(self.data / latents)
             entry = known.get(latents)
             if entry is None or entry.get("stamp") != stamp or entry.get("epochs") != epochs:
-                share = raw_fraction(self, self.data / latents)
+                share = raw_fraction(self.tokenizer_args(), self.data / latents)
                 entry = {"stamp": stamp, "epochs": epochs, "packed_tokens_per_epoch": share["packed_tokens"],
                          "raw_tokens_per_epoch": share["raw_tokens"], "tokens": int(round(epochs * share["packed_tokens"]))}
                 known[latents] = entry
@@ -305,6 +338,8 @@ class EMDriver:
             run_name = f"{name}_t{t}"
             ck = self.train_run(run_name, source, layout, tokens, t, init(t))
             res = self.evaluate(run_name, ck, latent)
+            if self.cfg.finetune_eval:
+                res = {**res, **self.finetune_eval(run_name, ck)}
             return ck, {"group": group, "iteration": iteration, "k": k, "trial": t, "run": run_name, **res}
 
         done = self.concurrently([lambda t=t: one(t) for t in range(n or self.cfg.trials)])
@@ -324,6 +359,7 @@ class EMDriver:
         from apps.bolt.em_report import write_report
 
         c = self.cfg
+        self.check_stages()
         self.root.mkdir(parents=True, exist_ok=True)
         dump_config(c, self.root / "config.yaml")
         if c.threads > 0:
@@ -347,7 +383,7 @@ class EMDriver:
         for k in c.k_ablation:
             side.start(lambda k=k: self.ablation(k, warm[0], base))
         previous = warm
-        k_main = self.estep_config("main", "unused").posterior.num_samples
+        k_main = self.loaded("estep").posterior.num_samples
         try:
             for it in range(1, c.iterations + 1):
                 latents = self.estep_run(f"iter{it}", previous[0])
@@ -362,13 +398,12 @@ class EMDriver:
         except Exception as e:
             side.wait(e)  # raises e once the branches beside have ended
         rows += [row for branch in side.wait() for row in branch]  # in start order (a fixed one)
-        return write_report(self, rows)
+        return write_report(self.root, c.name, rows, self.stage_seconds())
 
     def ablation(self, k: int, warm: Path, base: str) -> list[dict]:
         """An extra iteration-1 E-step with K = ``k`` from the warmstart model ``warm``, its M-step."""
         c = self.cfg
-        latents = self.estep_run(f"iter1_k{k}", warm, [f"posterior.num_samples={k}",
-                                 f"posterior.elbo_samples={json.dumps([n for n in (1, 2, 4) if n <= k])}"])
+        latents = self.estep_run(f"iter1_k{k}", warm, k)
         return self.trials(f"ablation_k{k}", 1, k, f"iter1_k{k}", latents.name, "random",
                            self.budget(latents.name, c.mstep_epochs, c.mstep_tokens), lambda t: base)[1]
 
@@ -377,7 +412,7 @@ class EMDriver:
         from apps.bolt.em_report import raw_fraction
 
         c = self.cfg
-        share = raw_fraction(self, self.data / ref)
+        share = raw_fraction(self.tokenizer_args(), self.data / ref)
         mstep = self.budget(ref, c.mstep_epochs, c.mstep_tokens)
         budgets = {"raw_token_match": int(mstep * share["raw_fraction"]), "raw_flops_match": mstep}
         atomic_write_json(self.root / "baseline_budgets.json", {**share, "budgets": budgets})
@@ -386,6 +421,33 @@ class EMDriver:
             for b in c.baselines
         ])
         return [row for group in per_baseline for row in group]
+
+
+def _stage_class(stage: str) -> tuple[type, list[str]]:
+    """The config class of a stage and its required paths (set per run by the driver)."""
+    if stage == "finetune":
+        from apps.bolt.finetune import FinetuneArgs
+
+        return FinetuneArgs, []
+    if stage == "prepare":
+        from apps.bolt.prepare import PrepareArgs
+
+        return PrepareArgs, ["out_dir"]
+    if stage == "teacher":
+        from apps.bolt.gen_latents import GenLatentsArgs
+
+        return GenLatentsArgs, ["src", "out"]
+    if stage == "train":
+        from apps.bolt.train import BoltTrainArgs
+
+        return BoltTrainArgs, ["dump_dir"]
+    if stage == "estep":
+        from apps.bolt.estep import EStepArgs
+
+        return EStepArgs, ["ckpt", "src", "out"]
+    from apps.bolt.eval import EvalArgs
+
+    return EvalArgs, ["ckpt"]
 
 
 def _stamp(folder: Path) -> str | None:
@@ -404,6 +466,7 @@ def run(cfg: EMArgs, jobs: Any = None) -> dict:
     return EMDriver(cfg, jobs).run()
 
 
+@entry_point("apps.bolt.em")
 def main(argv: list[str] | None = None) -> None:
     run(cli_config(EMArgs, argv, "apps.bolt.em"))
 

@@ -88,6 +88,11 @@ class EMArgs:
     train: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/train_em_synthetic.yaml"))
     estep: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/estep_synthetic.yaml"))
     eval: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/eval_synthetic.yaml"))
+    finetune_eval: bool = False
+    """Also finetune every model (warmstart, iterations, ablations, raw baselines) on the task's
+    train split and evaluate it by sampling (:mod:`apps.bolt.finetune`: the paper's headline
+    metric); the results table gets its columns."""
+    finetune: StageConfig = field(default_factory=lambda: StageConfig("apps/bolt/configs/finetune_synthetic.yaml"))
 
     def validate(self) -> None:
         if self.iterations < 0 or self.trials < 1:
@@ -101,6 +106,10 @@ class EMArgs:
             raise ValueError("warmstart_tokens and mstep_tokens must be positive")
         if self.warmstart_epochs < 0 or self.mstep_epochs < 0:
             raise ValueError("warmstart_epochs and mstep_epochs must be >= 0 (0: use the token budgets)")
+        if any(k < 1 for k in self.k_ablation):
+            raise ValueError(f"k_ablation: every K must be >= 1, got {self.k_ablation}")
+        if self.estep_docs is not None and self.estep_docs < 1:
+            raise ValueError(f"estep_docs must be >= 1 (or null: all documents), got {self.estep_docs}")
         if not 0 <= self.warmstart_trials <= self.trials:
             raise ValueError(f"warmstart_trials must be in 0..trials ({self.trials}), got {self.warmstart_trials}")
         self.base.validate()

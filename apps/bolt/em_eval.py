@@ -22,6 +22,7 @@ from typing import Any
 from apps.bolt.chunking import ChunkArgs
 from apps.bolt.eval import EvalArgs
 from lingua.args import cli_config, dump_config
+from lingua.errors import entry_point
 from lingua.io import atomic_write_json, is_done, mark_done
 
 logger = logging.getLogger("apps.bolt.em")
@@ -114,7 +115,7 @@ def sample_stats(out_dir: Path) -> dict[str, Any]:
 def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
     """Compute one model's metrics (see the module docstring)."""
     from apps.bolt import eval as eval_stage
-    from apps.bolt.estep import compute_elbo
+    from apps.bolt.posterior import compute_elbo
     from apps.bolt.evaluation.in_training import ValidationNLL, load_documents
     from lingua.consolidated import load_consolidated
     from lingua.generation import Engine
@@ -135,7 +136,7 @@ def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
     out[NLL] = nll["val/validation/nll_per_token"]
     out["val_nll_per_char"] = nll["val/validation/nll_per_char"]
     if cfg.latent and cfg.elbo_docs:
-        elbo = compute_elbo(engine, docs[: cfg.elbo_docs], num_samples=cfg.elbo_samples, seed=0,
+        elbo = compute_elbo(engine, docs[: cfg.elbo_docs], elbo_samples=cfg.elbo_samples, seed=0,
                             max_latent_tokens=cfg.max_latent_tokens, chunk=cfg.chunk)
         out.update({k: v for k, v in elbo.items() if k.endswith("per_token")})
     logger.info("[em] eval %s: %s", cfg.name, {k: v for k, v in out.items() if k != "ckpt"})
@@ -152,6 +153,7 @@ def run(cfg: ModelEvalArgs) -> dict[str, Any]:
     return json.loads((out / RESULT).read_text())
 
 
+@entry_point("apps.bolt.em_eval")
 def main(argv: list[str] | None = None) -> None:
     print(json.dumps(run(cli_config(ModelEvalArgs, argv, "apps.bolt.em_eval")), indent=2))
 

@@ -135,6 +135,8 @@ class SlurmArgs:
     """M-step runs and raw baselines (the reference: 8 GPUs, global batch 192 x 2048)."""
     estep: EStepJobs = field(default_factory=EStepJobs)
     eval: Resources = field(default_factory=_gpu_job(1, 16, 64, 6 * 60))
+    finetune: Resources = field(default_factory=_gpu_job(4, 64, 256, 12 * 60))
+    """Finetuning evaluation of one model (``finetune_eval``; the reference: one node)."""
     teacher: TeacherJobs = field(default_factory=TeacherJobs)
 
     def validate(self) -> None:
@@ -253,6 +255,13 @@ class SlurmStages:
         path = self._dump(cfg, f"eval_{name}")
         a = self._launch("apps.bolt.em_eval", f"eval_{name}", r.nodes, r.gpus_per_node, r.cpus_per_task, r.mem_gb, r.time_min)
         self._run(f"eval:{name}", a, [f"config={path}"], lambda: [] if is_done(cfg.out) else [None])
+
+    def finetune(self, name: str, cfg: Any) -> None:
+        r = self.args.finetune
+        path = self._dump(cfg, f"finetune_{name}")
+        a = self._launch("apps.bolt.finetune", f"finetune_{name}", r.nodes, r.gpus_per_node, r.cpus_per_task, r.mem_gb,
+                         r.time_min, nproc=max(1, r.gpus_per_node))
+        self._run(f"finetune:{name}", a, [f"config={path}"], lambda: [] if is_done(cfg.out) else [None])
 
     def teacher(self, cfg: Any) -> None:
         from apps.bolt import gen_latents

@@ -119,6 +119,14 @@ class LocalStages:
 
         em_eval.run(cfg)
 
+    def finetune(self, name: str, cfg: Any) -> None:
+        if self.parallel:
+            self._subprocess(f"finetune:{name}", "apps.bolt.finetune", cfg, f"finetune_{name}")
+            return
+        from apps.bolt import finetune
+
+        finetune.run(cfg)
+
     def teacher(self, cfg: Any) -> None:
         from apps.bolt import gen_latents
 

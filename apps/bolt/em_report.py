@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -14,16 +14,14 @@ from apps.bolt.em_eval import ACCURACY, NLL, THOUGHT
 from apps.bolt.em_exec import run_name_of
 from lingua.io import atomic_write_json, atomic_write_text, read_jsonl
 
-if TYPE_CHECKING:  # pragma: no cover
-    from apps.bolt.em import EMDriver
-
 logger = logging.getLogger("apps.bolt.em")
 
 ELBO = "elbo_4_per_token"
+FINETUNE = "finetune_accuracy"  # the finetuning evaluation's accuracy (EMArgs.finetune_eval)
 
 
 
-def raw_fraction(driver: EMDriver, latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
+def raw_fraction(tokenizer_args: Any, latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
     """Share of raw-text tokens in the packed latent training stream (``random`` layout, BOS/EOS
     counted as in packing), measured on the latent dataset (all of it unless ``max_docs``) with a
     fixed seed; also the totals (``raw_tokens``, ``packed_tokens``: one epoch). The paper's
@@ -31,7 +29,7 @@ def raw_fraction(driver: EMDriver, latents_dir: Path, max_docs: int | None = Non
     from apps.bolt.formats import make_layout, raw_text
     from lingua.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(driver.tokenizer_args())
+    tok = build_tokenizer(tokenizer_args)
     layout = make_layout("random")
     rng = np.random.default_rng(0)
     raw = packed = 0
@@ -135,6 +133,12 @@ def aggregate(rows: list[dict], quality: dict[str, dict] | None = None) -> list[
             line[f"{ACCURACY}_se_kind"] = f"binomial, n={n}"
         elif len(rs) > 1:
             line[f"{ACCURACY}_se_kind"] = f"over {len(rs)} trials"
+        mean, se = _mean_se([r.get(FINETUNE) for r in rs])
+        if mean is not None:  # the same SE rule: over trials, or binomial over problems for one trial
+            line[FINETUNE] = mean
+            line[f"{FINETUNE}_se"] = rs[0].get("finetune_accuracy_se") if len(rs) == 1 else se
+            for key in sorted({k for r in rs for k in r if k.startswith(("finetune_pass@", "finetune_maj@"))}):
+                line[key] = _mean_se([r.get(key) for r in rs])[0]
         name = latents_of(group, it, k)
         if quality and name in quality:
             line["trained_on"] = {"latents": name, **quality[name]}
@@ -159,13 +163,14 @@ def _trained_on(line: dict) -> tuple[str, str]:
 
 
 def format_table(lines: list[dict]) -> str:
+    finetuned = any(FINETUNE in ln for ln in lines)
     header = ("model", "iter", "K", "trials", "accuracy", "thoughts right (eval)", "trained on: thoughts right",
-              "SIR / uniform", "val NLL/token", "ELBO-4/token")
+              "SIR / uniform", "val NLL/token", "ELBO-4/token") + (("finetuned accuracy",) if finetuned else ())
     body = [
         (
             ln["group"], "-" if ln["iteration"] is None else str(ln["iteration"]), "-" if ln["k"] is None else str(ln["k"]),
             str(ln["trials"]), _fmt(ln, ACCURACY), _fmt(ln, THOUGHT), *_trained_on(ln), _fmt(ln, NLL), _fmt(ln, ELBO),
-        )
+        ) + ((_fmt(ln, FINETUNE),) if finetuned else ())
         for ln in lines
     ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -174,32 +179,34 @@ def format_table(lines: list[dict]) -> str:
     return "\n".join([fmt(header), sep, *map(fmt, body)])
 
 
-def write_report(driver: EMDriver, rows: list[dict]) -> dict:
-    quality = estep_quality(driver.data)
+def write_report(root: Path, name: str, rows: list[dict], stage_seconds: dict[str, float]) -> dict:
+    """``results.json``, ``results.md`` and ``accuracy.png`` of the EM run in ``root`` (its data in
+    ``root/data``): the per-model ``rows``, aggregated over trials, and the E-step table."""
+    quality = estep_quality(root / "data")
     lines = aggregate(rows, quality)
     table = format_table(lines)
-    budgets_file = driver.root / "baseline_budgets.json"
+    budgets_file = root / "baseline_budgets.json"
     result = {
-        "name": driver.cfg.name,
+        "name": name,
         "rows": rows,
         "summary": lines,
         "baseline_budgets": json.loads(budgets_file.read_text()) if budgets_file.is_file() else None,
         "estep_quality": quality,
-        "stage_seconds": driver.stage_seconds(),
+        "stage_seconds": stage_seconds,
     }
-    atomic_write_json(driver.root / "results.json", result)
+    atomic_write_json(root / "results.json", result)
     esteps = format_estep_table(quality)
-    text = f"# EM results: {driver.cfg.name}\n\n{table}\n"
+    text = f"# EM results: {name}\n\n{table}\n"
     if esteps:
         text += f"\n## Thoughts written by each E-step (graded against the oracle)\n\n{esteps}\n"
-    atomic_write_text(driver.root / "results.md", text)
+    atomic_write_text(root / "results.md", text)
     try:
         from plots.plot_utils import plot_em_accuracy
 
-        plot_em_accuracy(result, driver.root / "accuracy.png")
+        plot_em_accuracy(result, root / "accuracy.png")
     except ImportError as e:  # matplotlib is a base requirement; keep the report even without it
         logger.warning("no plot: %s", e)
-    print(f"\nEM results ({driver.root}):\n{table}\n")
+    print(f"\nEM results ({root}):\n{table}\n")
     if esteps:
         print(f"E-steps (thoughts graded against the oracle):\n{esteps}\n")
     return result

@@ -7,9 +7,12 @@ Every document of ``src`` (``*.jsonl`` shards, sorted) is chunked (reference def
 8/1/20, seed 42, prefix = previous 3 chunks); :class:`~apps.bolt.posterior.PosteriorSampler`
 draws K latents per chunk, scores them and keeps one. Shard ``i`` of ``N`` processes a contiguous
 slice of the global document order and writes ``OUT/work/shard-i-of-N.jsonl`` plus a marker;
-``action=merge`` checks that every shard is complete and made by the same recipe, concatenates
-them in order into ``OUT/latents.chunk.00.jsonl`` and writes ``OUT/lineage.json`` (model
-fingerprint, K, selection rule, counts, ESS and ELBO summaries, timing) and ``OUT/COMPLETE``.
+``action=merge`` checks that every shard is complete, made by the same recipe and from the same
+source (each shard records the source's files with sizes and mtimes; a changed source is refused
+naming what changed), concatenates them in order into ``OUT/latents.chunk.00.jsonl`` and writes
+``OUT/lineage.json`` (model fingerprint, source files, usable documents and skipped bad lines by
+reason, K, selection rule, counts, ESS and ELBO summaries, timing) and ``OUT/COMPLETE``. An
+empty or all-bad source is an error, never an empty ``COMPLETE``.
 ``action=all`` (the default) runs the shard then merges when ``num_shards == 1``.
 
 Rerunning skips finished shards; a killed shard restarts from the sample cache
@@ -37,8 +40,21 @@ from apps.bolt.posterior import (
     PosteriorArgs,
     PosteriorSampler,
 )
-from lingua.args import ConfigError, cli_config, dump_config, to_dict
-from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
+from lingua.args import ConfigError, check_min, cli_config, dump_config, to_dict
+from lingua.errors import entry_point
+from lingua.io import (
+    Skipped,
+    atomic_open,
+    atomic_write_json,
+    file_listing,
+    is_done,
+    jsonl_files,
+    listing_changes,
+    mark_done,
+    read_docs,
+    write_jsonl,
+)
+from lingua.locks import RunLock
 from lingua.sample_store import SampleStore
 
 logger = logging.getLogger("apps.bolt.estep")
@@ -73,7 +89,7 @@ class EStepArgs:
     are always taken in float32 from the logits; bfloat16 is the fast choice on GPU (the reference
     samples with vLLM in bf16), float32 keeps CPU and GPU E-steps comparable."""
     limit_docs: int | None = None
-    """Debug: only the first N documents of the corpus."""
+    """Debug: only the first N good documents of the corpus (None or 0: all of them)."""
     text_key: str = "text"
     quality: str = "auto"
     """Score every sampled latent against the true one where the corpus's world knows it
@@ -92,43 +108,42 @@ class EStepArgs:
                 raise ValueError(f"{name}=... is required")
         if not self.out:
             raise ValueError("out=... is required")
+        if self.limit_docs is not None and self.limit_docs < 0:
+            raise ValueError(f"limit_docs must be >= 0 (0 or null: all documents), got {self.limit_docs}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_min(self, 1, "batch_chunks", "max_batch_tokens")
 
 
 # ------------------------------------------------------------------------------------ inputs
 
 
-def list_docs(src: str | Path, text_key: str = "text", limit: int | None = None) -> Iterator[tuple[str, dict]]:
-    """``(doc_key, record)`` in global order: sorted ``*.jsonl`` files, then line order.
+def list_docs(
+    src: str | Path, text_key: str = "text", limit: int | None = None, skipped: Skipped | None = None
+) -> Iterator[tuple[str, dict]]:
+    """``(doc_key, record)`` in global order: sorted ``*.jsonl`` files, then line order; at most
+    ``limit`` documents (None or 0: all). Bad lines (see :func:`lingua.io.read_docs`: invalid
+    UTF-8, malformed JSON, no or blank text) are skipped, counted in ``skipped`` and logged."""
+    for d in read_docs(src, text_key, limit=limit, nonblank=True, skipped=skipped):
+        yield str(d.record.get("id", f"{d.path.name}:{d.line}")), d.record
 
-    Malformed lines and records without text are skipped, counted and logged with file:line.
-    """
-    folder = Path(src)
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no *.jsonl files in dataset folder {folder}")
-    n, bad = 0, 0
-    for f in files:
-        with open(f, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                    if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
-                        raise ValueError(f"missing string field {text_key!r}")
-                except (ValueError, UnicodeDecodeError) as e:
-                    bad += 1
-                    if bad <= 5:
-                        logger.warning("%s:%d: skipped bad record (%s)", f, lineno, str(e)[:120])
-                    continue
-                yield str(rec.get("id", f"{f.name}:{lineno}")), rec
-                n += 1
-                if limit is not None and n >= limit:
-                    return
-    if bad:
-        logger.warning("skipped %d bad records in %s", bad, folder)
+
+def source_listing(src: str | Path) -> list[list]:
+    """The input files of ``src`` with sizes and mtimes (:func:`lingua.io.file_listing`): recorded
+    in every shard, so shards of a changed source are never merged."""
+    files = jsonl_files(src)
+    return file_listing(files, Path(src) if Path(src).is_dir() else None)
+
+
+def check_source(what: str, recorded: list | None, current: list, src: str | Path, than: str = "the current one") -> None:
+    """Refuse work made from another version of the source ``src`` (naming what changed). Shards
+    written before sources were recorded (``recorded`` None) cannot be checked."""
+    if recorded is not None and recorded != current:
+        changes = "; ".join(listing_changes(recorded, current))
+        raise ConfigError(
+            f"{what} was made from a different version of src={src} than {than} ({changes}); restore the "
+            "source, or delete the out folder's work/ folder to redo the E-step (cached samples are reused)"
+        )
 
 
 def shard_bounds(n_docs: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -141,6 +156,7 @@ def recipe_hash(cfg: EStepArgs, fingerprint: str) -> str:
     d = to_dict(cfg)
     for k in ("shard", "action", "progress", "device", "batch_chunks", "max_batch_tokens", "cache"):
         d.pop(k, None)
+    d["limit_docs"] = d.get("limit_docs") or None  # 0 and None both mean all documents
     d["model_fingerprint"] = fingerprint
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -158,6 +174,7 @@ def _chunk_record(suffix: str, post: ChunkPosterior, quality=None) -> dict:
         "done": post.done[post.selected],
         "latent_tokens": post.gen_len[post.selected],
         "suffix_tokens": post.suffix_tokens,
+        "scored_tokens": post.scored_tokens,
     }
     rec.update({f"elbo_{n}": v for n, v in post.elbo.items()})
     if post.prefix_chars_dropped:
@@ -176,6 +193,7 @@ def _doc_record(rec: dict, chunks, posts: list[ChunkPosterior], qualities=None) 
     out["chunks"] = [_chunk_record(c.suffix, p, q) for c, p, q in zip(chunks, posts, qualities)]
     out["num_chunks"] = len(posts)
     out["suffix_tokens"] = sum(p.suffix_tokens for p in posts)
+    out["scored_tokens"] = sum(p.scored_tokens for p in posts)
     for n in sorted({n for p in posts for n in p.elbo}):
         out[f"elbo_{n}"] = sum(p.elbo[n] for p in posts)
     return out
@@ -191,27 +209,14 @@ def _concatenate(parts: list[Path], dest: Path) -> int:
     """Stream JSONL files into ``dest`` atomically (constant memory; a file per shard may be
     large on a cluster). Lines are split on ``\\n`` only: ``str.splitlines`` would also split
     inside records at U+2028/U+0085, which ``json.dumps(ensure_ascii=False)`` leaves raw."""
-    import os
-    import tempfile
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as w:
-            for part in parts:
-                with open(part, "rb") as r:
-                    for line in r:  # binary iteration splits on b"\n" only
-                        if line.strip():
-                            w.write(line if line.endswith(b"\n") else line + b"\n")
-                            n += 1
-            w.flush()
-            os.fsync(w.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(dest, "wb") as w:
+        for part in parts:
+            with open(part, "rb") as r:
+                for line in r:  # binary iteration splits on b"\n" only
+                    if line.strip():
+                        w.write(line if line.endswith(b"\n") else line + b"\n")
+                        n += 1
     return n
 
 
@@ -236,8 +241,11 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
     if backend is None:
         backend, fp = _load_backend(cfg)
     recipe = recipe_hash(cfg, fp)
+    listing = source_listing(cfg.src)
     if done_path.is_file():
         info = json.loads(done_path.read_text())
+        check_source(f"shard {cfg.shard} of {cfg.num_shards} ({done_path})", info.get("source", {}).get("files"),
+                     listing, cfg.src)
         if info.get("recipe") == recipe:
             logger.info("shard %d/%d already complete, skipping", cfg.shard, cfg.num_shards)
             return info
@@ -245,7 +253,12 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
             f"{done_path} was made with a different recipe ({info.get('recipe')} != {recipe}); "
             "use a new out folder or delete the work folder"
         )
-    docs = list(list_docs(cfg.src, cfg.text_key, cfg.limit_docs))
+    skipped = Skipped()
+    docs = list(list_docs(cfg.src, cfg.text_key, cfg.limit_docs, skipped))
+    if not docs:
+        raise ConfigError(f"src={cfg.src} holds no usable documents (skipped bad lines: {skipped.summary()}; "
+                          f"first: {skipped.examples[:1] or 'none'}); an E-step needs at least one")
+    source = {"folder": str(cfg.src), "files": listing, "docs": len(docs), "skipped": skipped.as_dict()}
     lo, hi = shard_bounds(len(docs), cfg.shard, cfg.num_shards)
     docs = docs[lo:hi]
     store = SampleStore(cfg.cache or out / "cache" / "samples.db")
@@ -283,10 +296,11 @@ def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:
         "stats": sampler.stats.as_dict(),
         "ess": [p.ess for p in posts],
         "elbo_per_token": {
-            str(n): [r[f"elbo_{n}"] / max(1, r["suffix_tokens"]) for r in records if f"elbo_{n}" in r]
+            str(n): [r[f"elbo_{n}"] / max(1, r["scored_tokens"]) for r in records if f"elbo_{n}" in r]
             for n in cfg.posterior.elbo_samples
         },
         "model_fingerprint": fp,
+        "source": source,
         "quality_scorer": scored[0] if scored else None,
         "quality": tally.as_dict() if scored else None,
     }
@@ -334,6 +348,11 @@ def merge(cfg: EStepArgs) -> dict:
     recipes = {i["recipe"] for i in infos}
     if len(recipes) != 1:
         raise RuntimeError(f"cannot merge {out}: shards were made by different recipes {sorted(recipes)}")
+    sources = [(i, info["source"]["files"]) for i, info in enumerate(infos) if "source" in info]
+    for i, files in sources[1:]:
+        check_source(f"cannot merge {out}: shard {i}", sources[0][1], files, cfg.src, f"shard {sources[0][0]}")
+    if sources and cfg.src and Path(cfg.src).exists():
+        check_source(f"cannot merge {out}: shard {sources[0][0]}", sources[0][1], source_listing(cfg.src), cfg.src)
     _concatenate([shard_paths(out, i, cfg.num_shards)[0] for i in range(cfg.num_shards)], out / "latents.chunk.00.jsonl")
     ess = [e for i in infos for e in i["ess"]]
     stats_keys = ("chunks", "samples_drawn", "samples_cached", "not_done", "prefix_truncated", "suffix_truncated",
@@ -346,6 +365,7 @@ def merge(cfg: EStepArgs) -> dict:
     lineage = {
         "kind": "estep_latents",
         "src": str(cfg.src),
+        "source": infos[0].get("source"),  # files (size, mtime), usable docs, skipped bad lines by reason
         "model": str(cfg.ckpt),
         "model_fingerprint": infos[0]["model_fingerprint"],
         "recipe": infos[0]["recipe"],
@@ -373,57 +393,20 @@ def merge(cfg: EStepArgs) -> dict:
 
 
 def run(cfg: EStepArgs, backend=None, fingerprint: str | None = None) -> dict:
-    """Run one shard and/or the merge, per ``cfg.action``; returns the shard info or lineage."""
+    """Run one shard and/or the merge, per ``cfg.action``; returns the shard info or lineage.
+    A shard holds its own lock (``work/shard-i-of-N.lock``: the shard processes of one E-step run
+    side by side, two writing the same shard do not), the merge ``OUT/.lock`` (:mod:`lingua.locks`)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.action in ("all", "shard"):
-        dump_config(cfg, out / "work" / f"config.shard-{cfg.shard:05d}.yaml")
-        info = run_shard(cfg, backend, fingerprint)
+        data_path, _ = shard_paths(out, cfg.shard, cfg.num_shards)
+        with RunLock.beside(data_path, f"E-step shard {cfg.shard}/{cfg.num_shards}"):
+            dump_config(cfg, out / "work" / f"config.shard-{cfg.shard:05d}.yaml")
+            info = run_shard(cfg, backend, fingerprint)
         if cfg.action == "shard" or cfg.num_shards > 1:
             return info
-    return merge(cfg)
-
-
-def compute_elbo(
-    backend,
-    docs,
-    *,
-    num_samples=(1, 2, 4),
-    chunking: str = "uniform",
-    full_prefix: bool = True,
-    seed: int = 0,
-    max_latent_tokens: int | None = None,
-    chunk: ChunkArgs | None = None,
-) -> dict[str, float]:
-    """n-sample ELBOs of held-out raw documents (the in-training evaluation of latent models).
-
-    Documents are chunked uniformly (or randomly) with the whole previous text as prefix (as the
-    reference's ELBO evaluation), K = max(num_samples) posterior samples per chunk, and
-    ``elbo_n = sum over chunks of logsumexp(log w[:n]) - log n``, a lower bound on
-    ``log p(document)`` under the model's latent-variable view. Returned per corpus on the
-    log-likelihood scale (negative, higher is better): ``elbo_{n}_per_token`` (divided by the raw
-    tokens of the documents), ``elbo_{n}_per_char`` and ``elbo_{n}_per_doc``.
-    """
-    ns = sorted({int(n) for n in num_samples})
-    chunk = chunk or ChunkArgs(random=chunking == "random", all_prefix=full_prefix, seed=seed)
-    max_latent = max_latent_tokens or max(16, min(1024, backend.max_seq_len // 4))
-    args = PosteriorArgs(num_samples=max(ns), elbo_samples=ns, max_latent_tokens=max_latent, seed=seed)
-    sampler = PosteriorSampler(backend, args, model_fingerprint="live")
-    items, sizes, chars = [], [], 0
-    for d, text in enumerate(docs):
-        chunks = chunk_text(text, chunk)
-        items.extend(ChunkInput(c.prefix, c.suffix, f"doc{d}", i) for i, c in enumerate(chunks))
-        sizes.append(len(chunks))
-        chars += len(text)
-    posts = sampler.run(items) if items else []
-    tokens = sum(p.suffix_tokens for p in posts)
-    out: dict[str, float] = {}
-    for n in ns:
-        total = sum(p.elbo[n] for p in posts)
-        out[f"elbo_{n}_per_token"] = total / max(1, tokens)
-        out[f"elbo_{n}_per_char"] = total / max(1, chars)
-        out[f"elbo_{n}_per_doc"] = total / max(1, len(sizes))
-    return out
+    with RunLock(out, "E-step merge"):
+        return merge(cfg)
 
 
 class _NoBar:
@@ -442,6 +425,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True, file=sys.stderr)
 
 
+@entry_point("apps.bolt.estep")
 def main(argv: list[str] | None = None) -> None:
     result = run(cli_config(EStepArgs, argv, "apps.bolt.estep"))
     if "stats" in result:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from apps.bolt.evaluation.options import HarnessOptions
+from lingua.args import check_min
+from lingua.errors import entry_point
 
 logger = logging.getLogger("apps.bolt.eval")
 
@@ -59,6 +61,7 @@ class EvalArgs:
             raise ValueError(f"variant must be auto, raw or latent, got {self.variant!r}")
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ValueError("tasks is empty")
+        check_min(self, 1, "max_batch_tokens")
 
     def task_list(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -160,6 +163,7 @@ def _metrics_path(cfg: EvalArgs, ref: Any) -> Path | None:
     return ref.run_dir / METRICS_FILE if ref is not None and ref.run_dir is not None else None
 
 
+@entry_point("apps.bolt.eval")
 def main(argv: list[str] | None = None) -> None:
     from lingua.args import cli_config
 

@@ -42,8 +42,10 @@ from apps.bolt.teachers.openai_batch import BatchArgs
 from apps.bolt.teachers.openai_chat import ChatArgs
 from apps.bolt.teachers.prompts import METHODS, SYSTEM_ROLES, PromptSpec, Sampling
 from apps.bolt.teachers.shards import merge_shards, write_shard_records
-from lingua.args import cli_config, dump_config, to_dict
-from lingua.io import atomic_write_json, is_done, mark_done
+from lingua.args import check_min, cli_config, dump_config, to_dict
+from lingua.errors import add_redactor, entry_point
+from lingua.io import atomic_write_json, file_listing, is_done, mark_done
+from lingua.locks import RunLock
 from lingua.sample_store import make_key
 
 logger = logging.getLogger("apps.bolt.gen_latents")
@@ -114,8 +116,7 @@ class GenLatentsArgs:
             raise ValueError(f"system_role must be one of {SYSTEM_ROLES}")
         if not 0.0 <= self.max_failures <= 1.0 or self.limit < 0:
             raise ValueError("need 0 <= max_failures <= 1 and limit >= 0")
-        if self.num_repeats is not None and self.num_repeats < 1:
-            raise ValueError("num_repeats must be >= 1")
+        check_min(self, 1, "num_repeats", "max_tokens")
 
     def prompt(self) -> PromptSpec:
         return PromptSpec.load(self.prompt_file) if self.prompt_file else PromptSpec.for_method(self.method)
@@ -166,7 +167,7 @@ def make_job(cfg: GenLatentsArgs) -> Job:
         "method": cfg.method, "backend": cfg.backend, "prompt_sha256": spec.sha256, "sampling": asdict(sampling),
         "num_repeats": cfg.repeats(spec), "system_role": cfg.system_role, "seed": cfg.seed, "text_key": cfg.text_key,
         "chunk": asdict(cfg.chunk), "store_prefix": cfg.store_prefix, "num_shards": cfg.num_shards, "limit": cfg.limit,
-        "teacher_kwargs": dict(cfg.teacher_kwargs), "src": [[p.name, p.stat().st_size] for p in files],
+        "teacher_kwargs": dict(cfg.teacher_kwargs), "src": file_listing(files, cfg.src, mtime=False),
     }
     return Job(cfg, spec, sampling, cfg.repeats(spec), files, Path(cfg.out), make_key(**determining))
 
@@ -183,7 +184,9 @@ def _redactor(cfg: GenLatentsArgs) -> Redactor:
 
 
 class _LogTo:
-    """Route this module's and the teachers' logs to stderr and a file, redacted, for one run."""
+    """Route this module's and the teachers' logs to stderr and a file, redacted, for one run.
+    They do not also go up to the root logger: its console handler (``cli_config``'s) would print
+    every line a second time, unredacted."""
 
     def __init__(self, path: Path | None, redactor: Redactor):
         self.handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -194,20 +197,27 @@ class _LogTo:
         for h in self.handlers:
             h.setFormatter(fmt)
             h.addFilter(RedactingFilter(redactor))
+        self.redactor = redactor
         self.logger = logging.getLogger("apps.bolt")
-        self._level = self.logger.level
+        self._level, self._propagate = self.logger.level, self.logger.propagate
 
     def __enter__(self) -> "_LogTo":
         self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
         for h in self.handlers:
             self.logger.addHandler(h)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, Exception) and len(self.handlers) > 1:
+            # The redacted traceback goes to the log file only; the console gets the entry point's one line.
+            text = self.redactor("gen_latents failed\n" + "".join(traceback.format_exception(exc)))
+            self.handlers[1].handle(self.logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, None, None))
         for h in self.handlers:
             self.logger.removeHandler(h)
             h.close()
         self.logger.setLevel(self._level)
+        self.logger.propagate = self._propagate
 
 
 # -- one shard --------------------------------------------------------------------------------
@@ -343,7 +353,7 @@ def _lineage(job: Job, reports: list[dict], written: dict) -> dict:
     counts = {k: sum(r.get(k, 0) for r in reports) for k in ("documents", "requests", "failed", "latents", "latent_chars", "text_chars", "truncated")}
     return {
         "dataset": str(job.out),
-        "source": {"folder": str(Path(cfg.src).resolve()), "files": [[p.name, p.stat().st_size] for p in job.files]},
+        "source": {"folder": str(Path(cfg.src).resolve()), "files": file_listing(job.files, cfg.src, mtime=False)},
         "outputs": written,
         "method": cfg.method,
         "backend": cfg.backend,
@@ -370,33 +380,39 @@ def run(cfg: GenLatentsArgs) -> dict:
     name = "merge" if cfg.merge else "run" if cfg.shard is None else f"shard_{cfg.shard:05d}_of_{cfg.num_shards:05d}"
     log_file = job.out / WORK / f"{name}.log"
     with _LogTo(log_file, redactor):
-        try:
-            print(dump_config(cfg), file=sys.stderr)
-            if is_done(job.out):
-                if json.loads((job.out / "COMPLETE").read_text()).get("fingerprint") != job.fingerprint:
-                    raise RuntimeError(f"{job.out} holds a dataset made with different settings; choose another out=")
-                logger.info("%s is already complete; nothing to do", job.out)
-                return {"status": "complete", "lineage": json.loads((job.out / "lineage.json").read_text())}
-            if cfg.merge:
+        print(dump_config(cfg), file=sys.stderr)
+        if is_done(job.out):
+            if json.loads((job.out / "COMPLETE").read_text()).get("fingerprint") != job.fingerprint:
+                raise RuntimeError(f"{job.out} holds a dataset made with different settings; choose another out=")
+            logger.info("%s is already complete; nothing to do", job.out)
+            return {"status": "complete", "lineage": json.loads((job.out / "lineage.json").read_text())}
+        if cfg.merge:
+            with _lock(job):
                 return {"status": "merged", "lineage": merge(job)}
-            shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
-            reports = [run_shard(job, i) for i in shards]
-            if cfg.shard is not None:
-                return {"status": "shard_done", "reports": reports}
+        shards = [cfg.shard] if cfg.shard is not None else list(range(cfg.num_shards))
+        reports = []
+        for i in shards:
+            with _lock(job, i):
+                reports.append(run_shard(job, i))
+        if cfg.shard is not None:
+            return {"status": "shard_done", "reports": reports}
+        with _lock(job):
             return {"status": "merged", "lineage": merge(job)}
-        except Exception as e:
-            logger.error("gen_latents failed: %s", redactor(e))
-            raise
 
 
+def _lock(job: Job, shard: int | None = None) -> RunLock:
+    """The lock of one shard (``out/_work/shard_i_of_N.lock``: the shards of one run may run side
+    by side, two processes writing the same shard may not) or of the merge (``out/.lock``)."""
+    if shard is None:
+        return RunLock(job.out, "gen_latents merge")
+    return RunLock.beside(job.shard_dir(shard), f"gen_latents shard {shard}/{job.cfg.num_shards}")
+
+
+@entry_point("apps.bolt.gen_latents")
 def main(argv: list[str] | None = None) -> None:
     cfg = cli_config(GenLatentsArgs, argv, "apps.bolt.gen_latents")
-    try:
-        result = run(cfg)
-    except Exception as e:  # noqa: BLE001 - print a redacted traceback instead of the raw one
-        redactor = _redactor(cfg)
-        print(redactor("".join(traceback.format_exception(e))), file=sys.stderr)
-        raise SystemExit(1) from None
+    add_redactor(_redactor(cfg))  # the error handler's message and traceback name no API key
+    result = run(cfg)
     if "lineage" in result:
         lin = result["lineage"]
         print(json.dumps({"status": result["status"], "counts": lin["counts"], "teacher_totals": lin["teacher_totals"]}, indent=2))

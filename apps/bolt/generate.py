@@ -20,6 +20,7 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from lingua.args import cli_config
+from lingua.errors import entry_point
 from lingua.generation import Engine, GenerationResult
 from lingua.io import write_jsonl
 from lingua.sampling import SamplingParams
@@ -164,6 +165,7 @@ def run(cfg: GenerateArgs, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) 
     return totals
 
 
+@entry_point("apps.bolt.generate")
 def main(argv: Sequence[str] | None = None) -> None:
     run(cli_config(GenerateArgs, argv, "apps.bolt.generate"))
 

@@ -34,7 +34,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from apps.bolt import importance as imp
+from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.formats import EOL, POST, PRIOR, SOL, estep_prompt, joint_text
+from lingua.args import check_min
 from lingua.generation import GenerationBackend
 from lingua.sample_store import SampleStore, make_key
 from lingua.sampling import SamplingParams
@@ -71,6 +73,8 @@ class PosteriorArgs:
             raise ValueError("max_latent_tokens must be >= 1")
         if any(n < 1 for n in self.elbo_samples):
             raise ValueError(f"elbo_samples must be >= 1, got {self.elbo_samples}")
+        check_min(self, 0, "top_k")
+        check_min(self, 1, "max_context_tokens")
 
 
 @dataclass
@@ -94,6 +98,13 @@ class ChunkPosterior:
     suffix_tokens: int  # raw tokens of the suffix (normalizer of per-token ELBO)
     prefix_chars_dropped: int = 0
     suffix_tokens_cut: int = 0
+
+    @property
+    def scored_tokens(self) -> int:
+        """Suffix tokens the ELBO covers: all of them unless the suffix was cut to fit the window.
+        The normalizer of any per-token ELBO (dividing a cut chunk's bound by all its tokens would
+        inflate it)."""
+        return self.suffix_tokens - self.suffix_tokens_cut
 
     @property
     def log_w(self) -> list[float]:
@@ -310,3 +321,45 @@ class PosteriorSampler:
             self.stats.suffix_truncated += (f[3] + cut) > 0
         self.stats.chunks += len(chunks)
         return out
+
+
+def compute_elbo(
+    backend: GenerationBackend,
+    docs: Sequence[str],
+    *,
+    elbo_samples: Sequence[int] = (1, 2, 4),
+    seed: int = 0,
+    max_latent_tokens: Optional[int] = None,
+    chunk: Optional[ChunkArgs] = None,
+) -> dict[str, float]:
+    """n-sample ELBOs of held-out raw documents (in-training and EM evaluation of latent models).
+
+    Each document is chunked by ``chunk`` (default: uniform chunks with the whole previous text as
+    prefix, as the reference's ELBO evaluation); K = max(elbo_samples) posterior samples are drawn
+    per chunk, and for each n in ``elbo_samples``
+    ``elbo_n = sum over chunks of logsumexp(log w[:n]) - log n``, a lower bound on
+    ``log p(document)`` under the model's latent-variable view. Returned per corpus on the
+    log-likelihood scale (negative, higher is better): ``elbo_{n}_per_token`` (divided by the
+    suffix tokens the bounds cover, :attr:`ChunkPosterior.scored_tokens`), ``elbo_{n}_per_char``
+    and ``elbo_{n}_per_doc``.
+    """
+    ns = sorted({int(n) for n in elbo_samples})
+    if not ns or ns[0] < 1:
+        raise ValueError(f"elbo_samples must be positive sample counts, got {list(elbo_samples)}")
+    chunk = chunk or ChunkArgs(random=False, all_prefix=True, seed=seed)
+    max_latent = max_latent_tokens or max(16, min(1024, backend.max_seq_len // 4))
+    args = PosteriorArgs(num_samples=ns[-1], elbo_samples=ns, max_latent_tokens=max_latent, seed=seed)
+    sampler = PosteriorSampler(backend, args, model_fingerprint="live")
+    items, chars = [], 0
+    for d, text in enumerate(docs):
+        items.extend(ChunkInput(c.prefix, c.suffix, f"doc{d}", i) for i, c in enumerate(chunk_text(text, chunk)))
+        chars += len(text)
+    posts = sampler.run(items) if items else []
+    tokens = sum(p.scored_tokens for p in posts)
+    out: dict[str, float] = {}
+    for n in ns:
+        total = sum(p.elbo[n] for p in posts)
+        out[f"elbo_{n}_per_token"] = total / max(1, tokens)
+        out[f"elbo_{n}_per_char"] = total / max(1, chars)
+        out[f"elbo_{n}_per_doc"] = total / max(1, len(docs))
+    return out

@@ -30,11 +30,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import sys
 from array import array
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -42,8 +39,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from apps.bolt.sources import SOURCE_KINDS, SourceArgs, SourceError, import_callable, source_fingerprint
-from lingua.args import ConfigError, cli_config, dump_config
-from lingua.io import DONE_MARKER, atomic_write_json, is_done, mark_done
+from lingua.args import cli_config, dump_config
+from lingua.errors import entry_point
+from lingua.io import DONE_MARKER, atomic_dir, atomic_open, atomic_write_json, is_done, mark_done
+from lingua.locks import RunLock
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
 logger = logging.getLogger("apps.bolt.prepare")
@@ -140,21 +139,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _atomic_lines(path: Path):
-    """Stream lines into a temp file next to ``path``; rename over it only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _reset_folder(folder: Path) -> None:
     """Remove an unfinished (or outdated) set folder, refusing to touch foreign files."""
     if not folder.exists():
@@ -212,7 +196,7 @@ def stage(src: SourceArgs, root: Path, strict: bool) -> Staged:
         reported: list[str] = []
         offsets = array("q")  # compact: one int64 per document
         pos = 0
-        with _atomic_lines(folder / "docs.jsonl") as out:
+        with atomic_open(folder / "docs.jsonl", "w", encoding="utf-8") as out:
             for record, where, reason in SOURCE_KINDS[src.kind](src):
                 if record is None:
                     if strict:
@@ -261,7 +245,7 @@ class SetWriter:
         if not self._buf:
             return
         name = f"{self.name}.chunk.{len(self.shards):02d}.jsonl"
-        with _atomic_lines(self.folder / name) as fh:
+        with atomic_open(self.folder / name, "w", encoding="utf-8") as fh:
             fh.writelines(line + "\n" for line in self._buf)
         self.shards.append({"file": name, "docs": len(self._buf)})
         self._buf = []
@@ -332,8 +316,14 @@ def _write_docs(writer: SetWriter, staged: Staged, indices: np.ndarray, text_key
 
 
 def run(cfg: PrepareArgs) -> dict:
-    """Build every set of ``cfg``; returns ``{set name: COMPLETE info}``."""
+    """Build every set of ``cfg``; returns ``{set name: COMPLETE info}``. The whole build holds
+    ``out_dir``'s lock (:class:`lingua.locks.RunLock`): a second ``prepare`` there fails at once."""
     root = Path(cfg.out_dir)
+    with RunLock(root, "prepare"):
+        return _build_all(cfg, root)
+
+
+def _build_all(cfg: PrepareArgs, root: Path) -> dict:
     dump_config(cfg, root / "prepare_config.yaml")
     tok = build_tokenizer(cfg.tokenizer)
     tok_info = _tokenizer_info(cfg.tokenizer, tok)
@@ -429,34 +419,33 @@ def _run_builder(cfg: PrepareArgs, ex: ExtraArgs, root: Path) -> dict:
     if (done := _finished(folder, recipe, cfg.overwrite)) is not None:
         return done
     fn = import_callable(ex.builder, f"extra {ex.name!r} builder")
-    tmp = root / f".{ex.name}.building"
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed build's leftovers: ours by construction
-    fn(tmp, **ex.options)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != DONE_MARKER)
-    docs = sum(p.read_bytes().count(b"\n") for p in files if p.suffix == ".jsonl")
-    listing = [{"file": str(p.relative_to(tmp)), "bytes": p.stat().st_size,
-                "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]
-    atomic_write_json(tmp / "lineage.json", {"name": ex.name, "role": "extra", "builder": ex.builder,
-                                             "options": ex.options, "files": listing, "recipe": recipe})
-    done = {"recipe": recipe, "builder": ex.builder, "num_docs": docs, "num_tokens": None}
-    mark_done(tmp, done)
-    if folder.exists():  # outdated (overwrite=true) or unfinished
-        if is_done(folder) and "builder" in json.loads((folder / DONE_MARKER).read_text()):
-            shutil.rmtree(folder)
-        else:
-            _reset_folder(folder)
-    os.replace(tmp, folder)
+    # a fixed temp name: a killed build's leftovers are ours by construction and removed first
+    with atomic_dir(folder, tmp=root / f".{ex.name}.building", clear=_clear_built) as tmp:
+        fn(tmp, **ex.options)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != DONE_MARKER)
+        docs = sum(p.read_bytes().count(b"\n") for p in files if p.suffix == ".jsonl")
+        listing = [{"file": str(p.relative_to(tmp)), "bytes": p.stat().st_size,
+                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]
+        atomic_write_json(tmp / "lineage.json", {"name": ex.name, "role": "extra", "builder": ex.builder,
+                                                 "options": ex.options, "files": listing, "recipe": recipe})
+        done = {"recipe": recipe, "builder": ex.builder, "num_docs": docs, "num_tokens": None}
+        mark_done(tmp, done)
     logger.info("built %s with %s: %d files", folder, ex.builder, len(files))
     return done
 
 
+def _clear_built(folder: Path) -> bool:
+    """Make way for a rebuilt extra folder: an outdated build (overwrite=true) or an unfinished one."""
+    if is_done(folder) and "builder" in json.loads((folder / DONE_MARKER).read_text()):
+        shutil.rmtree(folder)
+    else:
+        _reset_folder(folder)
+    return True
+
+
+@entry_point("prepare")
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = cli_config(PrepareArgs, argv, "prepare")
-    try:
-        results = run(cfg)
-    except (SourceError, ConfigError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    results = run(cli_config(PrepareArgs, argv, "prepare"))
     for name, info in results.items():
         tokens = "" if info["num_tokens"] is None else f", {info['num_tokens']} tokens"
         print(f"{name}: {info['num_docs']} docs{tokens}")

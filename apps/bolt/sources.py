@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import glob
 import importlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from lingua.io import file_listing, jsonl_lines, parse_doc, text_problem
 
 
 class SourceError(RuntimeError):
@@ -72,32 +73,14 @@ def source_files(path: str, suffix: str) -> list[Path]:
 
 
 def _check_text(record: Any, key: str, where: str) -> Item:
-    if not isinstance(record, dict):
-        return None, where, "not a JSON object"
-    text = record.get(key)
-    if not isinstance(text, str):
-        return None, where, f"no string field {key!r}"
-    if not text.strip():
-        return None, where, "blank text"
-    return record, where, ""
+    reason = text_problem(record, key)
+    return (None if reason else record), where, reason
 
 
 def read_jsonl_source(src: SourceArgs) -> Iterator[Item]:
-    for f in source_files(src.path, ".jsonl"):
-        with open(f, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                where = f"{f}:{lineno}"
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    yield None, where, "invalid UTF-8"
-                    continue
-                except json.JSONDecodeError:
-                    yield None, where, "malformed JSON"
-                    continue
-                yield _check_text(record, src.text_key, where)
+    for _, f, lineno, raw in jsonl_lines(source_files(src.path, ".jsonl")):
+        record, reason = parse_doc(raw, src.text_key)
+        yield (None if reason else record), f"{f}:{lineno}", reason
 
 
 def read_parquet_source(src: SourceArgs) -> Iterator[Item]:
@@ -158,7 +141,7 @@ def source_fingerprint(src: SourceArgs) -> dict:
     fp: dict = {"source": asdict(src)}
     if src.kind in ("jsonl", "parquet"):
         suffix = "." + src.kind
-        fp["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in source_files(src.path, suffix)]
+        fp["files"] = file_listing(source_files(src.path, suffix))
     return fp
 
 

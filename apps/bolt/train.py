@@ -18,11 +18,12 @@ specific, through ``BoltTrainArgs``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from apps.bolt.evaluation.in_training import InTrainingEvalArgs
 from apps.bolt.formats import LayoutArgs, make_layout
 from lingua.args import cli_config, to_dict
+from lingua.errors import entry_point
 from lingua.trainer import TrainArgs, train
 
 
@@ -36,6 +37,9 @@ class BoltTrainArgs(TrainArgs):
 
     layout: LayoutArgs = field(default_factory=_raw_layout)
     eval: InTrainingEvalArgs = field(default_factory=InTrainingEvalArgs)
+
+    RESUME_SAFE: ClassVar[tuple[str, ...]] = (*TrainArgs.RESUME_SAFE, "eval")
+    """The in-training evaluation may change on resume too (``layout`` may not)."""
 
 
 def build_format_fn(cfg: BoltTrainArgs) -> Any:
@@ -58,6 +62,7 @@ def run(cfg: BoltTrainArgs) -> dict:
     return train(cfg, format_fn=build_format_fn(cfg), eval_hooks=build_hooks(cfg))
 
 
+@entry_point("apps.bolt.train")
 def main(argv: Sequence[str] | None = None) -> dict:
     return run(cli_config(BoltTrainArgs, argv, "apps.bolt.train"))
 

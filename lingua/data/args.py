@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lingua.args import check_min
+
 LONG_DOC_POLICIES = ("truncate", "skip")
 
 
@@ -55,12 +57,8 @@ class DataArgs:
     """What to do with a document over ``max_doc_chars``: ``truncate`` or ``skip`` (both counted)."""
 
     def validate(self) -> None:
-        for name in ("batch_size", "seq_len", "prefetch_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "shuffle_buffer", "max_doc_chars"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, 1, "batch_size", "seq_len", "prefetch_depth", prefix="data.")
+        check_min(self, 0, "seed", "shuffle_buffer", "max_doc_chars", prefix="data.")
         if self.long_doc_policy not in LONG_DOC_POLICIES:
             raise ValueError(f"data.long_doc_policy must be one of {LONG_DOC_POLICIES}, got {self.long_doc_policy!r}")
         for name, weight in self.sources.items():

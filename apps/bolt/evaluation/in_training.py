@@ -11,8 +11,8 @@ eval mode, and logs rank 0's dict into ``metrics.jsonl``.
   is conditioned on BOS; one longer than the window is cut to its first ``window - 1`` tokens
   (counted in ``docs_truncated``; its characters are those of the kept tokens).
 * :class:`ValidationELBO`: the n-sample ELBO (n = 1, 2, 4) of held-out documents under uniform
-  chunking with the full prefix as context, computed by the E-step's ``compute_elbo`` (see
-  :data:`ELBO_FUNCTION`); this module only schedules it and names the metrics.
+  chunking with the full prefix as context, computed by :func:`apps.bolt.posterior.compute_elbo`;
+  this module only schedules it and names the metrics.
 * :class:`TaskEvalHook`: the lm-eval tasks (e.g. ``synthetic_cot``) on the live model, in
   process; results go to ``RUN/evals/<step>/<eval_id>/`` and a line to ``RUN/metrics.eval.jsonl``.
 * :func:`launch_eval` / :class:`LaunchEvalHook`: one ``python -m apps.bolt.eval`` job per
@@ -25,7 +25,6 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,20 +33,6 @@ from typing import Any, Callable, Optional, Sequence
 from apps.bolt.evaluation.options import HarnessOptions
 
 logger = logging.getLogger(__name__)
-
-ELBO_FUNCTION = "apps.bolt.estep.compute_elbo"
-"""The E-step function the ELBO hook calls. Expected signature::
-
-    compute_elbo(backend, docs: Sequence[str], *, num_samples: Sequence[int],
-                 chunking: str, full_prefix: bool, seed: int) -> dict[str, float]
-
-returning per-corpus values such as ``elbo_4_per_token`` and ``elbo_4_per_char`` (log-likelihood
-scale, i.e. negative; higher is better)."""
-
-
-class ElboUnavailable(RuntimeError):
-    """The E-step's ``compute_elbo`` does not exist (yet) in this checkout."""
-
 
 def _is_main_rank() -> bool:
     import torch.distributed as dist
@@ -63,28 +48,12 @@ def _engine(model: Any, tokenizer: Any, max_batch_tokens: int) -> Any:
 
 def load_documents(path: str | Path, max_docs: int, text_key: str = "text") -> list[str]:
     """The first ``max_docs`` documents (non-empty ``text_key``) of a jsonl file or of a folder's
-    ``*.jsonl`` files in sorted order. Records without text are counted and logged, not used."""
-    from lingua.io import read_jsonl
+    ``*.jsonl`` files in sorted order (:func:`lingua.io.read_docs`: bad lines are counted and
+    logged by ``file:line``, not used)."""
+    from lingua.io import read_docs
 
     p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no held-out documents at {p}")
-    docs: list[str] = []
-    skipped = 0
-    for f in files:
-        for rec in read_jsonl(f):
-            text = rec.get(text_key)
-            if isinstance(text, str) and text.strip():
-                docs.append(text)
-                if len(docs) == max_docs:
-                    break
-            else:
-                skipped += 1
-        if len(docs) == max_docs:
-            break
-    if skipped:
-        logger.warning("%s: skipped %d records without a non-empty %r field", p, skipped, text_key)
+    docs = [d.record[text_key] for d in read_docs(p, text_key, limit=max_docs, nonblank=True)]
     if not docs:
         raise ValueError(f"{p}: no documents with a non-empty {text_key!r} field")
     return docs
@@ -133,15 +102,6 @@ class ValidationNLL:
         }
 
 
-def find_compute_elbo() -> Optional[Callable[..., dict[str, float]]]:
-    """The E-step's ``compute_elbo`` if this checkout has it, else None."""
-    module, _, name = ELBO_FUNCTION.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 class ValidationELBO:
     """n-sample ELBOs of held-out documents, every ``every`` steps and at ``final_step``."""
 
@@ -151,23 +111,22 @@ class ValidationELBO:
         tokenizer: Any,
         *,
         source: str = "heldout",
-        num_samples: Sequence[int] = (1, 2, 4),
+        elbo_samples: Sequence[int] = (1, 2, 4),
         every: int = 0,
         final_step: int | None = None,
         seed: int = 0,
         max_batch_tokens: int = 16384,
         compute_elbo: Optional[Callable[..., dict[str, float]]] = None,
     ):
-        fn = compute_elbo or find_compute_elbo()
-        if fn is None:
-            raise ElboUnavailable(f"{ELBO_FUNCTION} is not available in this checkout; the ELBO hook cannot run")
-        if not num_samples or min(num_samples) < 1:
-            raise ValueError(f"num_samples must be positive counts, got {list(num_samples)}")
-        self.compute_elbo = fn
+        if not elbo_samples or min(elbo_samples) < 1:
+            raise ValueError(f"elbo_samples must be positive sample counts, got {list(elbo_samples)}")
+        if compute_elbo is None:
+            from apps.bolt.posterior import compute_elbo
+        self.compute_elbo = compute_elbo
         self.docs = list(docs)
         self.tokenizer = tokenizer
         self.source = source
-        self.num_samples = sorted(set(num_samples))
+        self.elbo_samples = sorted(set(elbo_samples))
         self.every = every
         self.final_step = final_step
         self.seed = seed
@@ -184,9 +143,7 @@ class ValidationELBO:
         return self.compute(_engine(model, self.tokenizer, self.max_batch_tokens))
 
     def compute(self, backend: Any) -> dict[str, float]:
-        out = self.compute_elbo(
-            backend, self.docs, num_samples=self.num_samples, chunking="uniform", full_prefix=True, seed=self.seed
-        )
+        out = self.compute_elbo(backend, self.docs, elbo_samples=self.elbo_samples, seed=self.seed)
         return {f"val/{self.source}/{k}": float(v) for k, v in out.items()}
 
 
@@ -290,8 +247,8 @@ class InTrainingEvalArgs:
 
 
 def build_eval_hooks(args: InTrainingEvalArgs, tokenizer: Any, *, layout: str, final_step: int | None = None) -> list[Callable]:
-    """The hooks ``args`` asks for, for a run trained with ``layout``. ``elbo=on`` without the
-    E-step's ``compute_elbo`` is an error; ``elbo=auto`` then logs that the ELBO is skipped."""
+    """The hooks ``args`` asks for, for a run trained with ``layout`` (``elbo=auto``: the ELBO for
+    latent layouts only)."""
     from apps.bolt.evaluation.tasks import LATENT_LAYOUTS, variant_for_layout
 
     hooks: list[Callable] = []
@@ -299,13 +256,8 @@ def build_eval_hooks(args: InTrainingEvalArgs, tokenizer: Any, *, layout: str, f
         docs = load_documents(args.val_docs, args.val_max_docs)
         hooks.append(ValidationNLL(docs, tokenizer, source=args.val_source, max_tokens=args.val_max_tokens, max_batch_tokens=args.max_batch_tokens))
         if args.elbo == "on" or (args.elbo == "auto" and layout in LATENT_LAYOUTS):
-            try:
-                hooks.append(ValidationELBO(docs, tokenizer, source=args.val_source, num_samples=args.elbo_samples,
-                                            every=args.elbo_every, final_step=final_step, max_batch_tokens=args.max_batch_tokens))
-            except ElboUnavailable:
-                if args.elbo == "on":
-                    raise
-                logger.warning("%s not available: the validation ELBO is not computed in this run", ELBO_FUNCTION)
+            hooks.append(ValidationELBO(docs, tokenizer, source=args.val_source, elbo_samples=args.elbo_samples,
+                                        every=args.elbo_every, final_step=final_step, max_batch_tokens=args.max_batch_tokens))
     if args.tasks:
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
         hooks.append(TaskEvalHook(names, tokenizer, variant=variant_for_layout(layout), data_root=args.data_root or None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lingua.args import cli_config, load_config
+from lingua.errors import entry_point
 from lingua.io import (
     atomic_write_json,
     atomic_write_text,
@@ -57,13 +58,13 @@ def _name(rate: float) -> str:
 
 
 def run(cfg: CorruptionArgs) -> dict:
-    from apps.bolt import gen_latents
     from apps.bolt.em import EMArgs, EMDriver
     from apps.bolt.em_report import estep_quality
     from apps.bolt.synthetic.corrupt import corrupt_records
 
     em = load_config(EMArgs, cfg.em, cfg.em_overrides)
     d = EMDriver(em)
+    d.check_stages()
     d.root.mkdir(parents=True, exist_ok=True)
     if em.threads > 0:
         import torch
@@ -74,8 +75,7 @@ def run(cfg: CorruptionArgs) -> dict:
     d.bootstrap()
     base = d.base_init = d.base()
     oracle = d.data / "bootstrap_oracle_latents"
-    tcfg = load_config(gen_latents.GenLatentsArgs, em.teacher.config,
-                       [*em.teacher.overrides, f"src={d.data / d.bootstrap_name}", f"out={oracle}", "progress=false"])
+    tcfg = d.teacher_config(d.bootstrap_name, oracle.name)
     d._stage("teacher:bootstrap_oracle", lambda: is_done(oracle), lambda: d.stages.teacher(tcfg))
     rows = []
     for rate in cfg.rates:
@@ -94,7 +94,7 @@ def run(cfg: CorruptionArgs) -> dict:
             row["rate"] = rate
         rows += new
         if cfg.gap_docs:
-            d.estep_run(f"{name}_gap", ckpts[0], [f"limit_docs={cfg.gap_docs}"])
+            d.estep_run(f"{name}_gap", ckpts[0], changes={"limit_docs": cfg.gap_docs})
     return write_results(d.root / "corruption", rows, estep_quality(d.data), cfg)
 
 
@@ -127,6 +127,7 @@ def write_results(out: Path, rows: list[dict], quality: dict, cfg: CorruptionArg
     return result
 
 
+@entry_point("apps.bolt.synthetic.corruption")
 def main(argv: list[str] | None = None) -> None:
     run(cli_config(CorruptionArgs, argv, "apps.bolt.synthetic.corruption"))
 

@@ -42,6 +42,7 @@ from apps.bolt.synthetic.oracle import DEFAULT_LATENT_STYLE, oracle_records, syn
 from apps.bolt.synthetic.tasks import accuracy_report, build_prompt, generate_eval_problems, grade, stop_strings
 from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
 from lingua.args import dump_config, parse_args
+from lingua.errors import entry_point
 from lingua.generation import Engine
 from lingua.io import atomic_write_json
 from lingua.sampling import SamplingParams
@@ -201,8 +202,9 @@ def run(cfg: ProbeArgs) -> dict:
     return results
 
 
-def main() -> None:
-    run(parse_args(ProbeArgs))
+@entry_point("apps.bolt.synthetic.probe")
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(ProbeArgs, argv))
 
 
 if __name__ == "__main__":

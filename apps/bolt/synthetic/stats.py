@@ -20,6 +20,7 @@ from apps.bolt.synthetic.corpus import WorldArgs, generate_corpus, make_world_ar
 from apps.bolt.synthetic.oracle import oracle_records, synthetic_chunk_args
 from apps.bolt.synthetic.tokenizer import get_synthetic_tokenizer
 from lingua.args import parse_args
+from lingua.errors import entry_point
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -71,8 +72,9 @@ def run(cfg: StatsArgs) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    run(parse_args(StatsArgs))
+@entry_point("apps.bolt.synthetic.stats")
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(StatsArgs, argv))
 
 
 if __name__ == "__main__":

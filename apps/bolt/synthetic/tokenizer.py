@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from apps.bolt.formats import SPECIAL_TOKENS
 from apps.bolt.synthetic.corpus import WorldArgs, generate_corpus, make_world_args
-from lingua.io import atomic_write_json, is_done, mark_done
+from lingua.io import atomic_dir, atomic_write_json, is_done, mark_done
 from lingua.tokenizer import TokenizerArgs, train_tokenizer
 
 ARGS_FILE = "tokenizer_args.json"
@@ -61,26 +59,22 @@ def get_synthetic_tokenizer(
 
 
 def _build(final: Path, texts: list[str], settings: dict) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final, clear=_clear_stale) as tmp:
         trained = train_tokenizer(texts, tmp, settings["kind"], settings["vocab_size"], settings["special_tokens"])
         atomic_write_json(
             tmp / ARGS_FILE,
             {"name": trained.name, "file": Path(trained.path).name, "special_tokens": trained.special_tokens, "settings": settings},
         )
         mark_done(tmp)
-        if final.exists():  # a stale folder without its marker, or a concurrent build's leftovers
-            if is_done(final):
-                return
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError:
-        if not is_done(final):  # a concurrent build won the rename only if its marker is there
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clear_stale(final: Path) -> bool:
+    """A complete cache folder (a concurrent build of the same content won) is kept; a stale one
+    without its marker is removed to make way."""
+    if is_done(final):
+        return False
+    shutil.rmtree(final)
+    return True
 
 
 def _load_args(folder: Path) -> TokenizerArgs:

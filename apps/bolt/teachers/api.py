@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 from urllib.parse import urlparse
 
+from lingua.errors import ExpectedError
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+OPENAI_URL = "https://api.openai.com/v1"
+CONNECT_RETRIES = 2
+"""Quick retries (0.5 s, 1 s) of a call whose connection could not be made at all (refused, unknown
+host): a server that is not there fails in seconds, not after ``max_retries`` long backoffs."""
 _KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9_\-*.]{6,}")
 
 
@@ -40,7 +46,9 @@ class ApiArgs:
     timeout_s: float = 600.0
     """Per-request timeout."""
     max_retries: int = 8
-    """Retries of one call on 408/409/429/5xx, timeouts and connection errors."""
+    """Retries of one call on 408/409/429/5xx, timeouts and dropped connections. A connection that
+    cannot be made (refused, unknown host) is retried only ``CONNECT_RETRIES`` times, then the
+    run stops with an error naming the server."""
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 120.0
 
@@ -150,6 +158,49 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
+class TeacherUnreachable(ExpectedError):
+    """No connection to the teacher server could be made."""
+
+
+def _connect_failure(exc: BaseException) -> str | None:
+    """Why the connection itself could not be made (refused, unknown host, no route), or None for
+    anything else (a timeout, a connection dropped mid-request, an HTTP error)."""
+    import openai
+
+    if not isinstance(exc, openai.APIConnectionError) or isinstance(exc, openai.APITimeoutError):
+        return None
+    chain, cause = [], exc.__cause__ or exc.__context__
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # By name: the transport's ConnectError (httpx's, httpcore's, or a vendored copy's).
+    if not any(type(c).__name__ == "ConnectError" or isinstance(c, ConnectionRefusedError) for c in chain):
+        return None
+    if any(isinstance(c, ConnectionRefusedError) for c in chain):
+        return "connection refused"
+    os_errors = [c for c in chain if isinstance(c, OSError) and c.strerror]
+    return os_errors[-1].strerror if os_errors else str(chain[-1]) or type(chain[-1]).__name__
+
+
+def _retry_wait(e: Exception, attempt: int, args: ApiArgs, what: str, redact: Redactor, delays) -> float:
+    """Seconds to wait before retrying a failed call, or raise: ``e`` when it is not transient or
+    the retries are spent, :class:`TeacherUnreachable` when the server cannot be reached."""
+    reason = _connect_failure(e)
+    if reason is not None:
+        if attempt >= min(CONNECT_RETRIES, args.max_retries):
+            url = args.base_url or OPENAI_URL
+            raise TeacherUnreachable(
+                f"cannot connect to the teacher server at {url} ({redact(reason)}, {attempt + 1} attempt(s)); "
+                "is it running, and is api.base_url right?"
+            ) from e
+        return 0.5 * 2**attempt
+    if attempt == args.max_retries or not is_retryable(e):
+        raise e
+    wait = min(args.backoff_max_s, retry_delay(e) or next(delays))
+    logger.warning("%s failed (%s); retry %d/%d in %.1fs", what, redact(e), attempt + 1, args.max_retries, wait)
+    return wait
+
+
 def _delays(args: ApiArgs, rng: random.Random):
     """Exponential backoff with full jitter (spreads retries of many concurrent requests)."""
     attempt = 0
@@ -163,16 +214,12 @@ def call_with_retries(
     fn: Callable[[], T], args: ApiArgs, what: str, redact: Redactor, on_retry: Callable[[], None] | None = None
 ) -> T:
     """Call ``fn``; on a transient failure wait (Retry-After, else backoff) and call again."""
-    rng = random.Random()
-    delays = _delays(args, rng)
+    delays = _delays(args, random.Random())
     for attempt in range(args.max_retries + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - filtered by is_retryable
-            if attempt == args.max_retries or not is_retryable(e):
-                raise
-            wait = min(args.backoff_max_s, retry_delay(e) or next(delays))
-            logger.warning("%s failed (%s); retry %d/%d in %.1fs", what, redact(e), attempt + 1, args.max_retries, wait)
+        except Exception as e:  # noqa: BLE001 - filtered by _retry_wait
+            wait = _retry_wait(e, attempt, args, what, redact, delays)
             if on_retry is not None:
                 on_retry()
             time.sleep(wait)
@@ -183,16 +230,12 @@ async def acall_with_retries(
     fn: Callable[[], Awaitable[T]], args: ApiArgs, what: str, redact: Redactor, on_retry: Callable[[], None] | None = None
 ) -> T:
     """Async twin of :func:`call_with_retries`."""
-    rng = random.Random()
-    delays = _delays(args, rng)
+    delays = _delays(args, random.Random())
     for attempt in range(args.max_retries + 1):
         try:
             return await fn()
-        except Exception as e:  # noqa: BLE001 - filtered by is_retryable
-            if attempt == args.max_retries or not is_retryable(e):
-                raise
-            wait = min(args.backoff_max_s, retry_delay(e) or next(delays))
-            logger.warning("%s failed (%s); retry %d/%d in %.1fs", what, redact(e), attempt + 1, args.max_retries, wait)
+        except Exception as e:  # noqa: BLE001 - filtered by _retry_wait
+            wait = _retry_wait(e, attempt, args, what, redact, delays)
             if on_retry is not None:
                 on_retry()
             await asyncio.sleep(wait)

@@ -27,6 +27,7 @@ from typing import Optional
 from apps.bolt.teachers.api import PriceArgs
 from apps.bolt.teachers.prompts import PromptSpec
 from lingua.args import parse_args
+from lingua.errors import entry_point
 
 # Output tokens per raw token, from the reference's plotting ratios (the original BoLT code's notebooks):
 # latent data is 3.3x the raw tokens in all, so the latents add 2.3x; a WRAP-Orig paraphrase is
@@ -90,6 +91,7 @@ def estimate(args: CostArgs) -> dict:
     }
 
 
+@entry_point("apps.bolt.teachers.cost")
 def main(argv: list[str] | None = None) -> None:
     print(json.dumps(estimate(parse_args(CostArgs, argv)), indent=2))
 

@@ -23,7 +23,6 @@ Merge order
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,34 +32,26 @@ import numpy as np
 
 from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.teachers.base import WHOLE_DOC, LatentRequest, LatentResponse
+from lingua.io import Doc, jsonl_files, jsonl_lines, read_docs
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Document:
-    file_idx: int
-    line: int
-    """1-based line number in its file (for error messages and ordering)."""
-    record: dict
+Document = Doc
+"""A source document: file index, file, 1-based line (for error messages and ordering), record."""
 
 
 def list_source_files(src: str | Path) -> list[Path]:
     folder = Path(src)
     if not folder.is_dir():
         raise FileNotFoundError(f"source folder not found: {folder}")
-    files = sorted(p for p in folder.glob("*.jsonl") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no *.jsonl files in source folder {folder}")
-    return files
+    return jsonl_files(folder)
 
 
 def count_documents(files: Sequence[Path]) -> list[int]:
     """Non-blank lines per file."""
-    counts = []
-    for path in files:
-        with open(path, "rb") as f:
-            counts.append(sum(1 for raw in f if raw.strip()))
+    counts = [0] * len(files)
+    for file_idx, *_ in jsonl_lines(files):
+        counts[file_idx] += 1
     return counts
 
 
@@ -69,30 +60,9 @@ def shard_range(total: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 
 def read_documents(files: Sequence[Path], start: int, stop: int, text_key: str) -> Iterator[Document]:
-    """Documents with global index in ``[start, stop)``; bad lines raise naming ``file:line``."""
-    index = 0
-    for file_idx, path in enumerate(files):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                if index >= stop:
-                    return
-                if index >= start:
-                    yield Document(file_idx, lineno, _parse(raw, path, lineno, text_key))
-                index += 1
-
-
-def _parse(raw: bytes, path: Path, lineno: int, text_key: str) -> dict:
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON line: {e}") from e
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    if not isinstance(record.get(text_key), str):
-        raise ValueError(f"{path}:{lineno}: no string field {text_key!r} (set text_key=...)")
-    return record
+    """Documents with global index in ``[start, stop)``; bad lines raise naming ``file:line``
+    (:func:`lingua.io.read_docs` under ``strict``; blank text is a document, WRAP keeps it)."""
+    return read_docs(files, text_key, start=start, stop=stop, strict=True, nonblank=False)
 
 
 def doc_id(doc: Document, files: Sequence[Path]) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from apps.bolt.teachers.api import UsageMeter, acall_with_retries, make_client, progress_bar
+from apps.bolt.teachers.api import TeacherUnreachable, UsageMeter, acall_with_retries, make_client, progress_bar
 from apps.bolt.teachers.base import LatentResponse, register_teacher
 from apps.bolt.teachers.remote import ApiTeacher, completion_to_response, error_response
 
@@ -54,6 +54,8 @@ class OpenAIChatTeacher(ApiTeacher):
                     lambda: client.chat.completions.create(**body), self.api, "chat.completions", self.redact, count_retry
                 )
                 response = completion_to_response(completion.model_dump())
+            except TeacherUnreachable:  # no server: every request would fail the same way
+                raise
             except Exception as e:  # noqa: BLE001 - one failed request must not sink the others
                 response = error_response(f"{type(e).__name__}: {self.redact(e)}")
             if response.ok:

@@ -11,24 +11,23 @@ half-written file under a final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
 from apps.bolt.teachers.dataset import merge_order
-from lingua.io import atomic_write_json
+from lingua.io import atomic_open, atomic_write_json
 
 
 def write_shard_records(folder: Path, records: Iterable[tuple[int, int, dict]], num_repeats: int) -> dict:
     """Write ``(file_idx, repeat, record)`` items (repeats of one document adjacent, documents
     in order) and the index; returns simple statistics of the records."""
     paths = [folder / f"records_r{r:02d}.jsonl" for r in range(num_repeats)]
-    handles = [open(p.with_suffix(".tmp"), "wb") for p in paths]
     offsets: list[list[int]] = [[0] for _ in paths]
     files: list[int] = []
     stats = {"latents": 0, "latent_chars": 0, "truncated": 0}
-    try:
+    with ExitStack() as stack:  # every file renamed into place only when all were written
+        handles = [stack.enter_context(atomic_open(p, "wb")) for p in paths]
         for file_idx, repeat, record in records:
             if repeat == 0:
                 files.append(file_idx)
@@ -39,14 +38,6 @@ def write_shard_records(folder: Path, records: Iterable[tuple[int, int, dict]], 
             stats["latents"] += len(units)
             stats["latent_chars"] += sum(len(u["latent"]) for u in units)
             stats["truncated"] += sum(u.get("finish_reason") == "length" for u in units)
-        for h in handles:
-            h.flush()
-            os.fsync(h.fileno())
-    finally:
-        for h in handles:
-            h.close()
-    for p in paths:
-        os.replace(p.with_suffix(".tmp"), p)
     atomic_write_json(folder / "index.json", {"files": files, "offsets": offsets}, indent=None)
     return stats
 
@@ -72,9 +63,8 @@ def merge_shards(shard_dirs: list[Path], source_names: list[str], out: Path, num
 
 def _copy_records(shard_dirs: list[Path], target: Path, pointers: dict, order: list[tuple[int, int]]) -> int:
     readers: dict[tuple[int, int], object] = {}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_open(target, "wb") as out:
             for repeat, pos in order:
                 shard, start, stop = pointers[repeat][pos]
                 if (shard, repeat) not in readers:
@@ -82,12 +72,6 @@ def _copy_records(shard_dirs: list[Path], target: Path, pointers: dict, order: l
                 f = readers[(shard, repeat)]
                 f.seek(start)
                 out.write(f.read(stop - start))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         for f in readers.values():
             f.close()
