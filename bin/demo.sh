@@ -25,5 +25,5 @@ if [ "$status" -ne 0 ]; then
 fi
 dump=$(grep -E "^dump_dir:" /tmp/bolt_demo.log | head -1 | awk '{print $2}')
 echo
-echo "results: ${dump}/results.md  plot: ${dump}/accuracy.png  full log: /tmp/bolt_demo.log"
+echo "results: ${dump}/results.md  plots: ${dump}/accuracy.png ${dump}/bootstrap.png  full log: /tmp/bolt_demo.log"
 echo "demo finished in $(( $(date +%s) - start )) s"

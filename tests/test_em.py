@@ -71,7 +71,7 @@ def test_em_runs_every_stage_and_reports(em_run):
     steps = {k: v["summary"]["step"] for k, v in seen.items()}
     assert steps["raw_flops_match_t0"] == 6144 // (4 * 128) == steps["iter1_t0"]
     assert steps["raw_token_match_t0"] == int(6144 * b["raw_fraction"]) // (4 * 128)
-    assert (root / "accuracy.png").stat().st_size > 1000
+    assert (root / "accuracy.png").stat().st_size > 1000 and (root / "bootstrap.png").stat().st_size > 1000
     assert "| bootstrap" in (root / "results.md").read_text()
     # the E-step used the warmstart model, the lineage says so
     lineage = json.loads((root / "data" / "iter1_latents" / "lineage.json").read_text())

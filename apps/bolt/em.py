@@ -20,7 +20,7 @@ resumes from its last checkpoint):
 7. ``ablations``: an extra E-step + M-step at iteration 1 for each K in ``k_ablation``;
 8. evaluation of every model (task accuracy, validation NLL per raw token, ELBO for latent
    models; :mod:`apps.bolt.em_eval`) and the results table (``results.json``, ``results.md``)
-   and plot (``accuracy.png``).
+   and plots (``accuracy.png``, ``bootstrap.png``).
 
 ``executor: local`` (the default) runs every stage on this machine, ``local.jobs`` heavy processes
 at once (:mod:`apps.bolt.em_local`; 1: one after another in this process). ``executor: slurm``

@@ -180,7 +180,7 @@ def format_table(lines: list[dict]) -> str:
 
 
 def write_report(root: Path, name: str, rows: list[dict], stage_seconds: dict[str, float]) -> dict:
-    """``results.json``, ``results.md`` and ``accuracy.png`` of the EM run in ``root`` (its data in
+    """``results.json``, ``results.md``, ``accuracy.png`` and ``bootstrap.png`` of the EM run in ``root`` (its data in
     ``root/data``): the per-model ``rows``, aggregated over trials, and the E-step table."""
     quality = estep_quality(root / "data")
     lines = aggregate(rows, quality)
@@ -201,9 +201,11 @@ def write_report(root: Path, name: str, rows: list[dict], stage_seconds: dict[st
         text += f"\n## Thoughts written by each E-step (graded against the oracle)\n\n{esteps}\n"
     atomic_write_text(root / "results.md", text)
     try:
+        from plots.bootstrap import plot_run
         from plots.plot_utils import plot_em_accuracy
 
         plot_em_accuracy(result, root / "accuracy.png")
+        plot_run(root, root / "bootstrap.png")  # per iteration and over training tokens (docs/figures.md)
     except ImportError as e:  # matplotlib is a base requirement; keep the report even without it
         logger.warning("no plot: %s", e)
     print(f"\nEM results ({root}):\n{table}\n")
