@@ -8,11 +8,15 @@ looks usable.
 * ``train_state.json``: step, data positions per data shard, RNG states per rank, schedule,
   tokens seen (gathered on rank 0, so one file describes the whole run);
 * ``config.yaml`` (the resolved run config) and ``params.json`` (the model arguments);
-* ``COMPLETE``, written last, after every rank has finished writing.
+* ``COMPLETE``, written last, after every rank has finished writing;
+* ``EVAL_PENDING`` (JSON) while the evaluation of this step has not been recorded: written before
+  ``COMPLETE`` when the step is an evaluation step, removed once its result is in the run's metrics
+  (by the trainer for in-process evaluation, by the evaluation job in launch mode).
 
 Resuming picks the newest folder with the marker; folders without it are debris from a killed
 write and are ignored (and removed by the next cleanup). Cleanup keeps the newest ``keep``
-complete folders plus the steps listed in ``keep_steps``.
+complete folders, the steps listed in ``keep_steps`` (and those the trainer adds: must-evaluate
+steps), and every folder whose evaluation is pending.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
 PARAMS = "params.json"
+EVAL_PENDING = "EVAL_PENDING"
+"""Step-folder record of an evaluation not yet recorded; cleanup never removes such a folder."""
 # Test hook, "<step>:<seconds>": when saving that step, sleep after the shards and the train
 # state are written but before the COMPLETE marker, so a test can kill the process mid-write.
 PAUSE_ENV = "LINGUA_TEST_CKPT_PAUSE"
@@ -99,6 +105,40 @@ def list_checkpoints(ckpt_dir: str | os.PathLike, complete_only: bool = True) ->
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+def mark_eval_pending(folder: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Record (atomically) that the evaluation of checkpoint ``folder`` is not recorded yet;
+    ``info`` says how it will be done (mode, the job's command and id)."""
+    atomic_write_json(Path(folder) / EVAL_PENDING, info)
+
+
+def read_eval_pending(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The pending-evaluation record of ``folder``, or None when its evaluation is recorded."""
+    path = Path(folder) / EVAL_PENDING
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:  # written atomically, so only by hand: still pending
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def clear_eval_pending(folder: str | os.PathLike) -> bool:
+    """The evaluation of ``folder`` is recorded: drop its record (True if there was one)."""
+    try:
+        os.remove(Path(folder) / EVAL_PENDING)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def pending_evals(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints whose evaluation is pending, sorted by step."""
+    return [(s, p) for s, p in list_checkpoints(ckpt_dir) if (p / EVAL_PENDING).is_file()]
 
 
 @contextlib.contextmanager
@@ -175,10 +215,12 @@ class CheckpointManager:
     """Saves, finds, loads and prunes the step folders of one run. Every rank calls ``save`` and
     ``load`` (DCP is collective); rank 0 alone writes the JSON/YAML files and the marker."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, args: CheckpointArgs, env: DistEnv):
+    def __init__(self, ckpt_dir: str | os.PathLike, args: CheckpointArgs, env: DistEnv, keep_steps: Iterable[int] = ()):
         self.dir = Path(ckpt_dir)
         self.args = args
         self.env = env
+        self.keep_steps = set(args.keep_steps) | {int(s) for s in keep_steps}
+        """Steps cleanup never removes: ``checkpoint.keep_steps`` plus the caller's (must-evaluate steps)."""
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.dir) if self.args.resume else None
@@ -191,7 +233,10 @@ class CheckpointManager:
         train_state: dict[str, Any],
         config_yaml: str,
         model_params: dict[str, Any],
+        eval_pending: dict[str, Any] | None = None,
     ) -> Path:
+        """Write the step folder; with ``eval_pending``, its pending-evaluation record goes in
+        before the ``COMPLETE`` marker, so no cleanup can ever see the folder unprotected."""
         folder = step_folder(self.dir, step)
         t0 = time.perf_counter()
         if self.env.is_main:
@@ -208,6 +253,8 @@ class CheckpointManager:
                 atomic_write_json(folder / TRAIN_STATE, train_state)
                 atomic_write_text(folder / CONFIG, config_yaml)
                 atomic_write_json(folder / PARAMS, model_params)
+                if eval_pending is not None:
+                    mark_eval_pending(folder, eval_pending)
                 _test_pause(step)
         barrier()
         if self.env.is_main:
@@ -230,22 +277,27 @@ class CheckpointManager:
         return json.loads((folder / TRAIN_STATE).read_text())
 
     def cleanup(self) -> list[Path]:
-        """Remove complete folders beyond the newest ``keep`` (except ``keep_steps``) and
-        incomplete folders older than the newest complete one. Returns what was removed."""
+        """Remove complete folders beyond the newest ``keep`` (except ``keep_steps`` and folders
+        whose evaluation is pending) and incomplete folders older than the newest complete one.
+        Returns what was removed."""
         complete = list_checkpoints(self.dir)
         if not complete:
             return []
         newest = complete[-1][0]
         keep = {s for s, _ in complete[-self.args.keep :]} if self.args.keep else {s for s, _ in complete}
-        keep |= set(self.args.keep_steps)
-        removed = []
+        keep |= self.keep_steps
+        removed, spared = [], []
         for s, p in list_checkpoints(self.dir, complete_only=False):
             stale_debris = not is_done(p) and s < newest
-            if stale_debris or (is_done(p) and s not in keep):
+            if is_done(p) and s not in keep and (p / EVAL_PENDING).is_file():
+                spared.append(p)
+            elif stale_debris or (is_done(p) and s not in keep):
                 shutil.rmtree(p)
                 removed.append(p)
         if removed:
             logger.info("checkpoint cleanup removed %s", ", ".join(p.name for p in removed))
+        if spared:
+            logger.info("checkpoint cleanup kept %s: evaluation pending", ", ".join(p.name for p in spared))
         return removed
 
 
@@ -257,27 +309,36 @@ def consolidate(step_dir: str | os.PathLike, tokenizer: Any = None, out_dir: str
     """Turn the DCP shards of ``step_dir`` into a ``lingua.consolidated`` folder (default
     ``step_dir/consolidated``). Runs in one process, whatever world size wrote the shards. The
     tokenizer defaults to the run folder's copy (``<run>/tokenizer``)."""
-    from lingua.args import from_dict
     from lingua.consolidated import load_tokenizer, save_consolidated
+
+    step_dir = Path(step_dir)
+    out = Path(out_dir) if out_dir is not None else step_dir / "consolidated"
+    model = load_model(step_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(step_dir.parent.parent)
+    train_state = json.loads((step_dir / TRAIN_STATE).read_text())
+    with _disk_full_names(out):
+        save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
+    logger.info("consolidated %s -> %s", step_dir, out)
+    return out
+
+
+def load_model(step_dir: str | os.PathLike) -> nn.Module:
+    """The model of a complete checkpoint folder, on CPU, read in this one process whatever world
+    size wrote the shards (the weights only; nothing is written)."""
+    from lingua.args import from_dict
     from lingua.transformer import Transformer, TransformerArgs
 
     step_dir = Path(step_dir)
     if not is_done(step_dir):
         raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker)")
-    out = Path(out_dir) if out_dir is not None else step_dir / "consolidated"
-    if tokenizer is None:
-        tokenizer = load_tokenizer(step_dir.parent.parent)
     margs = from_dict(TransformerArgs, json.loads((step_dir / PARAMS).read_text()), str(step_dir / PARAMS))
     model = Transformer(margs)
     state = {"model": model.state_dict()}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
-    train_state = json.loads((step_dir / TRAIN_STATE).read_text())
-    with _disk_full_names(out):
-        save_consolidated(model, tokenizer, out, extra={"step": train_state["step"], "source": str(step_dir)})
-    logger.info("consolidated %s -> %s", step_dir, out)
-    return out
+    return model
 
 
 def load_init_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:

@@ -18,13 +18,24 @@ micro-step here.
 Run folder (``dump_dir``): ``config.yaml`` (resolved config, written before any work),
 ``metrics.jsonl``, ``train.log``, ``tokenizer/`` (a copy), ``checkpoints/<step:010d>/``, and
 ``.lock`` while a process trains in it (:class:`lingua.locks.RunLock`: a second ``train`` on the
-same folder fails at once naming the holder).
+same folder fails at once naming the holder). Every ``metrics.jsonl`` row has ``step`` and
+``tokens`` (training tokens read so far, summed over sources and ranks), the x axes of curves.
+
+Evaluation (the ``eval`` section, :class:`EvalArgs`): the eval hooks run every ``eval.every``
+steps, at each of ``eval.must_eval_steps`` and always at the final step. A must-evaluate step also
+gets a checkpoint (kept for good with ``eval.keep_checkpoints``). When a checkpoint is saved at an
+evaluation step it carries a pending-evaluation record (``lingua.checkpoint.EVAL_PENDING``),
+written before its ``COMPLETE`` marker; cleanup never removes such a folder. In-process
+(``eval.mode=inprocess``) the record is dropped once the step's metrics row holds the results; a
+run killed in between evaluates that step when it resumes. With ``eval.mode=launch`` the hooks
+hand the checkpoint to a separate job (every evaluation step then saves one), and the record stays
+until that job has written its result and dropped it.
 
 Resuming with other settings: the resumed checkpoint's ``config.yaml`` is compared with the new
 config. Keys that only change how the run is watched or executed may change freely
-(``TrainArgs.RESUME_SAFE``: name, dump_dir, stop_at_step, log_freq, eval_every, evals, ``val.*``,
+(``TrainArgs.RESUME_SAFE``: name, dump_dir, stop_at_step, log_freq, ``eval.*``, evals, ``val.*``,
 ``checkpoint.*``, ``logging.*``, ``distributed.*`` (data shards are checked on their own),
-data prefetching; BoLT adds its ``eval.*``). Any other change (learning rate, schedule, steps or
+data prefetching). Any other change (learning rate, schedule, steps or
 token budget, batch, data, model, tokenizer, seeds, layout) alters the run from there on, so it is
 refused with one line listing the keys, unless ``checkpoint.allow_config_change=true``: then it is
 appended to ``config_changes.jsonl`` (step, old and new values) and the config that trained up to
@@ -54,7 +65,19 @@ import torch.nn.functional as F
 
 from lingua import distributed as D
 from lingua.args import ConfigError, dump_config, to_dict
-from lingua.checkpoint import CONFIG, CheckpointArgs, CheckpointManager, capture_rng, consolidate, load_init_checkpoint, restore_rng
+from lingua.checkpoint import (
+    CONFIG,
+    CheckpointArgs,
+    CheckpointManager,
+    capture_rng,
+    clear_eval_pending,
+    consolidate,
+    load_init_checkpoint,
+    pending_evals,
+    read_eval_pending,
+    restore_rng,
+    step_folder,
+)
 from lingua.consolidated import is_complete
 from lingua.data import DataArgs
 from lingua.distributed import DistributedArgs
@@ -70,7 +93,10 @@ logger = logging.getLogger(__name__)
 
 EvalHook = Callable[[torch.nn.Module, int, Path], dict]
 """``(model, step, run_dir) -> {metric: value}``; called on every rank (hooks may use
-collectives); rank 0's result is logged, keys without a "/" get an ``eval/`` prefix."""
+collectives); rank 0's result is logged, keys without a "/" get an ``eval/`` prefix. A hook with
+a ``plan(total_steps)`` method is told the run's final step before training starts."""
+
+EVAL_MODES = ("inprocess", "launch")
 
 _EVAL_HOOKS: dict[str, EvalHook] = {}
 
@@ -101,6 +127,39 @@ class ValArgs:
 
 
 @dataclass
+class EvalArgs:
+    """When the eval hooks run (the ``eval`` section). An app extends it with what to evaluate
+    (BoLT: :class:`apps.bolt.evaluation.in_training.InTrainingEvalArgs`)."""
+
+    every: int = 0
+    """Run the eval hooks every N steps (0: only at ``must_eval_steps`` and the final step)."""
+    must_eval_steps: list[int] = field(default_factory=list)
+    """Steps evaluated whatever ``every`` says (the hooks, and the core validation when
+    ``val.source`` is set); a checkpoint is saved at each of them too. The final step is always
+    evaluated."""
+    keep_checkpoints: bool = True
+    """Cleanup never removes the checkpoints of ``must_eval_steps`` (false: it may once their
+    evaluation is recorded, like any other checkpoint)."""
+    mode: str = "inprocess"
+    """``inprocess``: the hooks evaluate the live model, their results go into the step's metrics
+    row. ``launch``: the hooks start a job that evaluates the step's checkpoint (so every
+    evaluation step saves one); its pending record stays until the job has recorded its result."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0, got {self.every}")
+        bad = [s for s in self.must_eval_steps if s < 1]
+        if bad:
+            raise ValueError(f"must_eval_steps must be steps >= 1, got {bad}")
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"mode must be one of {EVAL_MODES}, got {self.mode!r}")
+
+    def is_eval_step(self, step: int, total_steps: int) -> bool:
+        """Every ``every`` steps, the must-evaluate steps and the final step."""
+        return step == total_steps or step in self.must_eval_steps or bool(self.every and step % self.every == 0)
+
+
+@dataclass
 class TrainArgs:
     name: str = "run"
     """Run name (wandb run id, log labels)."""
@@ -121,10 +180,10 @@ class TrainArgs:
     allocation; rerunning with the same ``dump_dir`` resumes. 0: run to the end."""
     log_freq: int = 10
     """Log metrics every N steps (and at the last step)."""
-    eval_every: int = 0
-    """Run the eval hooks every N steps (0: only at the end)."""
     evals: list[str] = field(default_factory=list)
     """Names of registered eval hooks (``register_eval_hook``) to run."""
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    """When the eval hooks run: ``eval.every``, ``eval.must_eval_steps``, ``eval.mode``."""
     val: ValArgs = field(default_factory=ValArgs)
     model: TransformerArgs = field(default_factory=TransformerArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -135,7 +194,7 @@ class TrainArgs:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
 
     RESUME_SAFE: ClassVar[tuple[str, ...]] = (
-        "name", "dump_dir", "stop_at_step", "log_freq", "eval_every", "evals", "val", "checkpoint", "logging",
+        "name", "dump_dir", "stop_at_step", "log_freq", "eval", "evals", "val", "checkpoint", "logging",
         "distributed", "data.prefetch", "data.prefetch_depth",
     )
     """Keys (a section name covers its keys) that may change when a run resumes: they change how
@@ -146,8 +205,8 @@ class TrainArgs:
             raise ValueError("dump_dir is required (the run folder)")
         if self.steps < 1 and self.num_tokens <= 0:
             raise ValueError(f"steps must be >= 1 (or set num_tokens), got {self.steps}")
-        if self.grad_acc_steps < 1 or self.log_freq < 1 or self.eval_every < 0:
-            raise ValueError("grad_acc_steps and log_freq must be >= 1, eval_every >= 0")
+        if self.grad_acc_steps < 1 or self.log_freq < 1:
+            raise ValueError("grad_acc_steps and log_freq must be >= 1")
         if self.data.seq_len > self.model.max_seqlen:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seqlen={self.model.max_seqlen}")
 
@@ -197,7 +256,9 @@ class _Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         init_logger(self.dir / "train.log", self.env.rank, cfg.logging.level.upper())
         self.config_yaml = dump_config(cfg)
-        self.ckpt = CheckpointManager(self.dir / "checkpoints", cfg.checkpoint, self.env)
+        self.must_eval = set(cfg.eval.must_eval_steps)
+        kept = self.must_eval if cfg.eval.keep_checkpoints else ()
+        self.ckpt = CheckpointManager(self.dir / "checkpoints", cfg.checkpoint, self.env, keep_steps=kept)
         self.resume_dir = self.ckpt.latest()
         if self.resume_dir is not None:
             _check_resume_config(cfg, self.dir, self.resume_dir, self.config_yaml, self.env.is_main)
@@ -252,6 +313,7 @@ class _Run:
         if env.is_main:
             truncate_metrics(self.dir / "metrics.jsonl", self.step)
             self.metrics = MetricLogger(self.dir / "metrics.jsonl", cfg.logging, cfg.name, to_dict(cfg))
+        self.plan_evals()
         self.flops_per_token = flops_per_token(self.margs, cfg.data.seq_len)
         self.peak = peak_flops(env.device)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -259,6 +321,24 @@ class _Run:
             "model %.2fM params | %d steps | global batch %d x %d tokens | %d data shard(s) on %d rank(s)",
             n_params / 1e6, self.total, cfg.global_batch(self.data_shards), cfg.data.seq_len, self.data_shards, env.world_size,
         )
+
+    def plan_evals(self) -> None:
+        """Check the must-evaluate steps against the run's length, tell the hooks its final step,
+        and say which checkpoints still wait for their evaluation."""
+        beyond = sorted(s for s in self.must_eval if s > self.total)
+        if beyond:
+            raise ConfigError(f"eval.must_eval_steps {beyond} lie beyond the run's last step {self.total}")
+        missed = sorted(s for s in self.must_eval if s < self.step and not step_folder(self.ckpt.dir, s).is_dir())
+        if missed and self.cfg.eval.keep_checkpoints:  # kept for good, so never saved: added on resume
+            logger.warning("eval.must_eval_steps %s were passed before this resume without a checkpoint: not evaluated", missed)
+        for hook in self.hooks:
+            plan = getattr(hook, "plan", None)
+            if callable(plan):
+                plan(self.total)
+        if self.env.is_main:
+            waiting = [p.name for s, p in pending_evals(self.ckpt.dir) if s != self.step]
+            if waiting:
+                logger.info("%d checkpoint(s) wait for their evaluation (kept until it is recorded): %s", len(waiting), ", ".join(waiting))
 
     def _data_iter(self, data_args: DataArgs, shard: int, state: dict | None, format_fn: Any = "train") -> Iterator:
         from lingua.data import build_data_iterator
@@ -331,7 +411,7 @@ class _Run:
         self.model.train()
         return out
 
-    def save(self) -> Path:
+    def save(self, eval_pending: dict[str, Any] | None = None) -> Path:
         data = {k: v for part in D.all_gather_object(self.data_states) for k, v in part.items()}
         state = {
             "step": self.step,
@@ -343,7 +423,34 @@ class _Run:
             "scheduler": {"name": self.cfg.optim.scheduler, "total_steps": self.total,
                           "lr": lr_at(self.step, self.cfg.optim, self.total)},
         }
-        return self.ckpt.save(self.step, self.model, self.optimizer, state, self.config_yaml, to_dict(self.margs))
+        return self.ckpt.save(self.step, self.model, self.optimizer, state, self.config_yaml, to_dict(self.margs), eval_pending)
+
+    def tokens(self) -> int:
+        """Training tokens read so far, all sources and ranks (a collective)."""
+        return sum(self.global_tokens_seen().values())
+
+    def resume_pending_eval(self) -> dict[str, Any] | None:
+        """Evaluate the resumed step when its checkpoint says its evaluation was never recorded
+        (the run was killed between saving and logging, or a launch failed before the job was
+        submitted); returns the results, or None when there was nothing to do."""
+        if self.resume_dir is None:
+            return None
+        info = D.all_gather_object(read_eval_pending(self.resume_dir) if self.env.is_main else None)[0]
+        if info is None or info.get("launched"):
+            return None
+        if not self.hooks:
+            logger.warning("step %d: evaluation pending in %s but no eval hooks are configured: record dropped", self.step, self.resume_dir)
+            if self.env.is_main:
+                clear_eval_pending(self.resume_dir)
+            return None
+        logger.info("step %d: its evaluation was not recorded (interrupted run); evaluating it now", self.step)
+        evals = self.run_evals()
+        tokens = self.tokens()
+        if self.metrics is not None:
+            self.metrics.log({"step": self.step, "tokens": tokens, **evals})
+        if self.cfg.eval.mode == "inprocess" and self.env.is_main:
+            clear_eval_pending(self.resume_dir)
+        return evals
 
     def global_tokens_seen(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -361,6 +468,10 @@ class _Run:
         step_tokens = cfg.global_batch(self.data_shards) * cfg.data.seq_len
         window_s, window_steps = 0.0, 0  # time in train_step only: saves and evals excluded
         end = min(self.total, self.cfg.stop_at_step) if self.cfg.stop_at_step > 0 else self.total
+        resumed_eval = self.resume_pending_eval()
+        if resumed_eval is not None:
+            last["eval"] = resumed_eval
+        launch = cfg.eval.mode == "launch"
         while self.step < end:
             t0 = time.perf_counter()
             out = self.train_step()
@@ -369,8 +480,14 @@ class _Run:
             window_steps += 1
             losses[self.step] = out["loss"]
             stop, final = self.step == end, self.step == self.total
+            must = self.step in self.must_eval
+            eval_due = bool(self.hooks) and cfg.eval.is_eval_step(self.step, self.total)
+            val_due = bool(cfg.val.source) and (bool(cfg.val.every and self.step % cfg.val.every == 0) or final or must)
+            log_due = self.step % cfg.log_freq == 0 or stop
+            save_due = bool(cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or stop or must or (eval_due and launch)
             record: dict[str, Any] = {}
-            if self.step % cfg.log_freq == 0 or stop:
+            seen = None
+            if log_due:
                 tps = step_tokens * window_steps / max(window_s, 1e-9)
                 record.update({
                     "loss/train": out["loss"], "optim/lr": out["lr"], "optim/grad_norm": out["grad_norm"],
@@ -378,21 +495,27 @@ class _Run:
                     "speed/tokens_per_s": tps, "speed/step_s": window_s / window_steps, "speed/data_s": out["data_s"],
                     "speed/mfu": mfu(self.flops_per_token, tps, self.peak, env.world_size),
                 })
-                record.update({f"tokens/source/{k}": v for k, v in sorted(self.global_tokens_seen().items())})
+                seen = self.global_tokens_seen()
+                record.update({f"tokens/source/{k}": v for k, v in sorted(seen.items())})
                 record.update(memory_stats(env.device))
                 logger.info(progress.line(self.step, out["loss"], out["lr"], out["grad_norm"], tps))
                 window_s, window_steps = 0.0, 0
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or stop:
-                last["checkpoint"] = str(self.save())
-            if cfg.val.source and ((cfg.val.every and self.step % cfg.val.every == 0) or final):
+            if save_due:
+                pending = {"step": self.step, "mode": cfg.eval.mode, "launched": False} if eval_due else None
+                last["checkpoint"] = str(self.save(pending))
+            if val_due:
                 last["val"] = self.validate()
                 record.update(last["val"])
                 logger.info("step %d: val loss %.4f", self.step, last["val"]["val/loss"])
-            if self.hooks and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+            if eval_due:
                 last["eval"] = self.run_evals()
                 record.update(last["eval"])
-            if record and self.metrics is not None:
-                self.metrics.log({"step": self.step, **record})
+            if log_due or val_due or eval_due:  # the same on every rank: tokens() is a collective
+                tokens = self.tokens() if seen is None else sum(seen.values())
+                if self.metrics is not None:
+                    self.metrics.log({"step": self.step, "tokens": tokens, **record})
+            if eval_due and save_due and not launch and env.is_main:
+                clear_eval_pending(last["checkpoint"])  # its results are in the metrics row now
         finished = self.step == self.total
         consolidated = self.consolidate_final(last["checkpoint"] or self.resumed_from) if finished else None
         return {

@@ -11,6 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # thread) make steps up to 10x slower. Child processes (torchrun, stage subprocesses) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Property tests draw the same examples in every run (CI included): a failure is reproducible,
+# never a lucky or unlucky seed. HYPOTHESIS_PROFILE=explore draws new ones while developing.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True)
+    _hyp_settings.register_profile("explore", derandomize=False)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is a test requirement
+    pass
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_intra_op_thread():

@@ -449,7 +449,7 @@ def test_launch_hook_prints_one_eval_job_per_checkpoint(model, tok, tmp_path, ca
     from lingua.launch import LaunchArgs
 
     run_dir, step = _fake_run(tmp_path, model, tok, "raw")
-    hook = T.LaunchEvalHook(LaunchArgs(mode="cat", module="apps.bolt.train"), ["config=apps/bolt/configs/eval_benchmarks.yaml"])
+    hook = T.LaunchEvalHook(LaunchArgs(mode="cat", module="apps.bolt.eval"), ["config=apps/bolt/configs/eval_benchmarks.yaml"])
     assert hook(model, 7, run_dir) == {"eval/jobs_launched": 1.0}
     printed = capsys.readouterr().out.strip()
     assert printed.endswith(f"-m apps.bolt.eval config=apps/bolt/configs/eval_benchmarks.yaml ckpt={step}")

@@ -127,7 +127,8 @@ def test_run_folder_and_metrics(reference):
     }  # fmt: skip
     for r in records:
         assert expected <= set(r), expected - set(r)
-        assert all("/" in k for k in r if k != "step")
+        assert all("/" in k for k in r if k not in ("step", "tokens"))
+        assert r["tokens"] == r["step"] * 4 * 32  # tokens read so far: the x axis of curves
     assert records[0]["speed/mfu"] is None  # no known peak FLOPs for a CPU
     assert records[-1]["tokens/total"] == 12 * 4 * 32 and records[-1]["tokens/source/train"] == 12 * 4 * 32
     assert "val/loss" in records[5] and "val/loss" in records[11] and "val/loss" not in records[6]
@@ -146,7 +147,7 @@ def test_eval_hooks_registered_and_passed(corpus, tmp_path):
         return {"score": float(step), "custom/metric": 1.0}
 
     register_eval_hook("test_counting_hook", lambda m, s, d: {"named": 1.0}, replace=True)
-    summary = train(debug_cfg(corpus, tmp_path / "run", steps=5, eval_every=2, evals=["test_counting_hook"]), eval_hooks=[hook])
+    summary = train(debug_cfg(corpus, tmp_path / "run", steps=5, evals=["test_counting_hook"], **{"eval.every": 2}), eval_hooks=[hook])
     assert [c[0] for c in calls] == [2, 4, 5] and calls[0][1] == tmp_path / "run" and not calls[0][2]
     assert summary["eval"] == {"eval/named": 1.0, "eval/score": 5.0, "custom/metric": 1.0}
     by_step = {r["step"]: r for r in read_metrics(tmp_path / "run")}

@@ -10,15 +10,17 @@ specific, through ``BoltTrainArgs``:
   (``raw``, ``prior``, ``posterior``, ``random``, ``pure``, raw mixing, fallback, whether latent
   tokens count in the loss). It becomes the data pipeline's formatter and is recorded in the
   run's config, which is how evaluation picks the raw or latent task variant;
-* ``eval`` (:class:`apps.bolt.evaluation.in_training.InTrainingEvalArgs`): validation NLL on
-  held-out raw documents, the ELBO for latent layouts, and few-shot tasks on the live model,
-  run every ``eval_every`` steps and at the end.
+* ``eval`` (:class:`apps.bolt.evaluation.in_training.InTrainingEvalArgs`, extending the core
+  ``lingua.trainer.EvalArgs``): validation NLL on held-out raw documents, the ELBO for latent
+  layouts, and few-shot tasks, every ``eval.every`` steps, at ``eval.must_eval_steps`` and at the
+  final step; in process (``eval.mode=inprocess``, on the live model) or as one job per
+  checkpoint (``eval.mode=launch`` with ``eval.launch.*``). See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 from apps.bolt.evaluation.in_training import InTrainingEvalArgs
 from apps.bolt.formats import LayoutArgs, make_layout
@@ -36,10 +38,8 @@ class BoltTrainArgs(TrainArgs):
     """The core ``TrainArgs`` plus the BoLT sections (see the module docstring)."""
 
     layout: LayoutArgs = field(default_factory=_raw_layout)
-    eval: InTrainingEvalArgs = field(default_factory=InTrainingEvalArgs)
-
-    RESUME_SAFE: ClassVar[tuple[str, ...]] = (*TrainArgs.RESUME_SAFE, "eval")
-    """The in-training evaluation may change on resume too (``layout`` may not)."""
+    eval: InTrainingEvalArgs = field(default_factory=InTrainingEvalArgs)  # type: ignore[assignment]
+    """The core's ``eval`` section (when) plus what to evaluate; may change on resume (``layout`` may not)."""
 
 
 def build_format_fn(cfg: BoltTrainArgs) -> Any:
@@ -50,12 +50,14 @@ def build_format_fn(cfg: BoltTrainArgs) -> Any:
 
 
 def build_hooks(cfg: BoltTrainArgs) -> list:
+    """The ``eval`` section's hooks. The final step is not known here (it depends on the world
+    size and a resumed checkpoint): the trainer gives it to the hooks (``plan``) before training."""
     from apps.bolt.evaluation.in_training import build_eval_hooks
     from lingua.tokenizer import build_tokenizer
 
-    if not (cfg.eval.val_docs or cfg.eval.tasks):
+    if not cfg.eval.evaluates():
         return []
-    return build_eval_hooks(cfg.eval, build_tokenizer(cfg.tokenizer), layout=cfg.layout.name)
+    return build_eval_hooks(cfg.eval, build_tokenizer(cfg.tokenizer), layout=cfg.layout.name, data_root_dir=cfg.data.root_dir)
 
 
 def run(cfg: BoltTrainArgs) -> dict:
