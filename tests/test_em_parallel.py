@@ -285,7 +285,7 @@ def _fake_driver(tmp_path, monkeypatch, jobs: int, fail: str = ""):
 
     def trials(group, iteration, k, name, source, layout, tokens, init, n=None):
         log(f"start:{name}")
-        time.sleep({"iter1_k1": 0.4, "raw_token_match": 0.3}.get(name, 0.15))
+        time.sleep({"iter1_k1": 0.6, "raw_token_match": 0.45}.get(name, 0.3))
         if name == fail:
             raise RuntimeError(f"{name} failed")
         log(f"end:{name}")

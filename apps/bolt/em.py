@@ -61,6 +61,7 @@ class EMDriver:
         self.runs = self.root / "runs"
         self.ledger = self.root / "stages.jsonl"
         self.tokenizer_changes: dict[str, Any] = {}  # the synthetic tokenizer, once trained
+        self._tokenizer_args = None
         self._loaded: dict[Any, Any] = {}
         self.base_init = cfg.base_ckpt
         self.stages = build_stages(cfg.executor, self.root, cfg.slurm, jobs, cfg.local, cfg.device)
@@ -111,10 +112,13 @@ class EMDriver:
         targs = get_synthetic_tokenizer(self.cfg.tokenizer_cache)
         self.tokenizer_changes = {"tokenizer.name": targs.name, "tokenizer.path": targs.path,
                                   "tokenizer.special_tokens": list(targs.special_tokens)}
+        self._tokenizer_args = None
 
     def tokenizer_args(self):
         """The tokenizer every model of the run uses (the train config's, or the synthetic one)."""
-        return dc_replace(self.loaded("train"), self.tokenizer_changes).tokenizer
+        if self._tokenizer_args is None:
+            self._tokenizer_args = dc_replace(self.loaded("train"), self.tokenizer_changes).tokenizer
+        return self._tokenizer_args
 
     # -- stage configs: each stage's YAML + overrides loaded once, then derived with typed values --
     def loaded(self, stage: str, extra: tuple[str, ...] = ()) -> Any:
@@ -139,6 +143,7 @@ class EMDriver:
         c = self.cfg
         self.prepare_config()
         self.teacher_config()
+        self.tokenizer_args()
         if c.base.tokens:
             self.train_config("base", dict(c.base.sources), "raw", c.base.tokens, c.base.seed, c.base_ckpt,
                               run_dir=Path("unused"), extra=c.base.overrides)
