@@ -80,3 +80,24 @@ def test_stage_configs_are_derived_with_typed_values(tmp_path):
     assert e.out == str(d.data / "iter1_k3_latents")
     k_main = d.estep_config("iter1", "CKPT").posterior.num_samples
     assert k_main == 4 and d.loaded("estep") is d.loaded("estep") and d.loaded("estep").posterior.num_samples == k_main  # loaded once, not changed
+
+
+def test_results_table_has_a_column_per_benchmark_with_n_and_se():
+    from apps.bolt.em_report import aggregate, binomial_se, format_table
+
+    def row(trial, gsm, math_):
+        return {"group": "bootstrap", "iteration": 1, "k": 4, "trial": trial, "run": f"iter1_t{trial}",
+                "accuracy": (gsm + math_) / 2, "accuracy_by_task": {"gsm8k_cot": gsm, "hendrycks_math_cot": math_},
+                "n_problems": 300, "n_by_task": {"latent_gsm8k_cot": 100, "latent_hendrycks_math_cot": 200}}
+
+    (one,) = aggregate([row(0, 0.30, 0.10)])
+    g, m = one["accuracy_by_task"]["gsm8k_cot"], one["accuracy_by_task"]["hendrycks_math_cot"]
+    assert (g["n"], m["n"]) == (100, 200)
+    assert g["accuracy_se"] == pytest.approx(binomial_se(0.30, 100)) and m["accuracy_se"] == pytest.approx(binomial_se(0.10, 200))
+    table = format_table([one])
+    assert "gsm8k_cot (n)" in table and f"0.300 ± {binomial_se(0.30, 100):.3f} (100)" in table
+    (three,) = aggregate([row(0, 0.30, 0.10), row(1, 0.34, 0.12), row(2, 0.32, 0.14)])
+    g = three["accuracy_by_task"]["gsm8k_cot"]
+    assert g["accuracy"] == pytest.approx(0.32) and g["accuracy_se"] == pytest.approx(0.02 / 3**0.5)  # std 0.02 over 3 trials
+    single = aggregate([{**row(0, 0.3, 0.1), "accuracy_by_task": {"gsm8k_cot": 0.3}}])[0]
+    assert "accuracy_by_task" not in single  # one benchmark: the accuracy column is it

@@ -86,7 +86,7 @@ def task_accuracy(summary: dict, tasks: list[str]) -> dict[str, float]:
 
 def sample_stats(out_dir: Path) -> dict[str, Any]:
     """From the logged samples of the first seed: ``n_problems`` (documents scored, the n of the
-    accuracy's binomial standard error) and, for tasks whose documents carry their true thought
+    accuracy's binomial standard error), ``n_by_task`` (per task, as lm-eval names it) and, for tasks whose documents carry their true thought
     (a ``latent`` field, as the synthetic world's do), ``thought_correct``: the share of latent
     generations whose thought (the text before the first ``<|END_OF_LATENT|>``) equals it up to
     whitespace; a thought never closed counts as wrong."""
@@ -95,18 +95,19 @@ def sample_stats(out_dir: Path) -> dict[str, Any]:
     files = sorted(out_dir.glob("samples_seed*.jsonl"))
     if not files:
         return {}
-    n, grades = 0, []
+    n, grades, by_task = 0, [], {}
     with open(files[0], encoding="utf-8") as f:
         for line in f:
             s = json.loads(line)
             n += 1
+            by_task[str(s.get("task", ""))] = by_task.get(str(s.get("task", "")), 0) + 1
             doc, resps = s.get("doc") or {}, s.get("resps") or []
             if not isinstance(doc.get("latent"), str) or not resps or "latent" not in str(s.get("task", "")):
                 continue
             gen = resps[0][0] if isinstance(resps[0], list) else resps[0]
             thought, _ = split_latent_generation(gen)
             grades.append(thought is not None and " ".join(thought.split()) == " ".join(doc["latent"].split()))
-    out: dict[str, Any] = {"n_problems": n}
+    out: dict[str, Any] = {"n_problems": n, "n_by_task": dict(sorted(by_task.items()))}
     if grades:
         out[THOUGHT] = sum(grades) / len(grades)
     return out

@@ -133,6 +133,9 @@ def aggregate(rows: list[dict], quality: dict[str, dict] | None = None) -> list[
             line[f"{ACCURACY}_se_kind"] = f"binomial, n={n}"
         elif len(rs) > 1:
             line[f"{ACCURACY}_se_kind"] = f"over {len(rs)} trials"
+        per_task = _per_task(rs)
+        if len(per_task) > 1:  # the table's accuracy averages them: show each benchmark too
+            line["accuracy_by_task"] = per_task
         mean, se = _mean_se([r.get(FINETUNE) for r in rs])
         if mean is not None:  # the same SE rule: over trials, or binomial over problems for one trial
             line[FINETUNE] = mean
@@ -146,11 +149,43 @@ def aggregate(rows: list[dict], quality: dict[str, dict] | None = None) -> list[
     return out
 
 
+def _task_n(row: dict, task: str) -> int | None:
+    """Problems of ``task`` in one evaluation (lm-eval may name it with a variant prefix)."""
+    counts = row.get("n_by_task") or {}
+    hits = [n for name, n in counts.items() if name == task or name.endswith("_" + task)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _per_task(rs: list[dict]) -> dict[str, dict]:
+    """Accuracy per benchmark: mean and SE over trials, or for one trial the binomial SE over
+    that benchmark's problems (with its n)."""
+    tasks = sorted({t for r in rs for t in (r.get("accuracy_by_task") or {})})
+    out = {}
+    for task in tasks:
+        mean, se = _mean_se([(r.get("accuracy_by_task") or {}).get(task) for r in rs])
+        entry: dict[str, Any] = {"accuracy": mean, "accuracy_se": se, "trials": len(rs)}
+        n = _task_n(rs[0], task)
+        if n:
+            entry["n"] = n
+            if len(rs) == 1:
+                entry["accuracy_se"] = binomial_se(mean, n)
+        out[task] = entry
+    return out
+
+
 def _fmt(line: dict, key: str, digits: int = 3) -> str:
     if key not in line:
         return "-"
     se = line.get(f"{key}_se")
     return f"{line[key]:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def _fmt_task(line: dict, task: str) -> str:
+    entry = line.get("accuracy_by_task", {}).get(task)
+    if not entry:
+        return "-"
+    n = f" ({entry['n']})" if entry.get("n") else ""
+    return _fmt(entry, "accuracy") + n
 
 
 def _trained_on(line: dict) -> tuple[str, str]:
@@ -164,12 +199,15 @@ def _trained_on(line: dict) -> tuple[str, str]:
 
 def format_table(lines: list[dict]) -> str:
     finetuned = any(FINETUNE in ln for ln in lines)
-    header = ("model", "iter", "K", "trials", "accuracy", "thoughts right (eval)", "trained on: thoughts right",
+    tasks = sorted({t for ln in lines for t in ln.get("accuracy_by_task", {})})
+    header = ("model", "iter", "K", "trials", "accuracy" + (" (mean of tasks)" if tasks else ""),
+              *(f"{t} (n)" for t in tasks), "thoughts right (eval)", "trained on: thoughts right",
               "SIR / uniform", "val NLL/token", "ELBO-4/token") + (("finetuned accuracy",) if finetuned else ())
     body = [
         (
             ln["group"], "-" if ln["iteration"] is None else str(ln["iteration"]), "-" if ln["k"] is None else str(ln["k"]),
-            str(ln["trials"]), _fmt(ln, ACCURACY), _fmt(ln, THOUGHT), *_trained_on(ln), _fmt(ln, NLL), _fmt(ln, ELBO),
+            str(ln["trials"]), _fmt(ln, ACCURACY), *(_fmt_task(ln, t) for t in tasks), _fmt(ln, THOUGHT),
+            *_trained_on(ln), _fmt(ln, NLL), _fmt(ln, ELBO),
         ) + ((_fmt(ln, FINETUNE),) if finetuned else ())
         for ln in lines
     ]
