@@ -87,6 +87,26 @@ def format_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+class Every:
+    """A clock for progress lines of long loops: ``due()`` is true at most once per ``seconds``
+    (counted from its creation), so a loop over millions of items logs a line now and then."""
+
+    def __init__(self, seconds: float = 30.0, clock=time.perf_counter):
+        self.seconds = seconds
+        self.clock = clock
+        self.t0 = self.last = clock()
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+
 class Progress:
     """Progress line with an ETA from the average time per step of this process's steps (the
     first step, which pays for compilation and warm-up, is left out once there are others)."""

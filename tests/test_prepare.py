@@ -295,3 +295,13 @@ def test_no_usable_documents(tmp_path):
         run(from_dict(PrepareArgs, {"out_dir": str(tmp_path / "out"), "source": {"path": str(src)}}))
     with pytest.raises(prep.SourceError, match="no .jsonl files found"):
         run(from_dict(PrepareArgs, {"out_dir": str(tmp_path / "out"), "source": {"path": str(tmp_path / "nope")}}))
+
+
+def test_long_stages_log_progress(tmp_path, monkeypatch, caplog):
+    """Staging and writing print a progress line now and then (here: on every check)."""
+    monkeypatch.setattr(prep, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="apps.bolt.prepare"):
+        run(cfg(tmp_path / "out", num_docs=2100, subsets=[{"name": "warm", "tokens": 30000}, {"name": "rest"}]))
+    assert "staging synthetic source: " in caplog.text and " bad inputs so far" in caplog.text
+    assert "rest: " in caplog.text and " tokens in " in caplog.text
+    assert "warm: " not in caplog.text or "%)" in caplog.text  # a budgeted set says how far it is

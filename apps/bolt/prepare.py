@@ -43,11 +43,14 @@ from lingua.args import cli_config, dump_config
 from lingua.errors import entry_point
 from lingua.io import DONE_MARKER, atomic_dir, atomic_open, atomic_write_json, is_done, mark_done
 from lingua.locks import RunLock
+from lingua.logger import Every, format_count, format_duration
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
 logger = logging.getLogger("apps.bolt.prepare")
 
 MAX_REPORTED = 20
+PROGRESS_SECONDS = 30.0
+"""A progress line this often while staging a source or writing a set (large corpora take hours)."""
 """Bad inputs quoted by name (``file:line``) in the log and the lineage; all are counted."""
 
 
@@ -196,8 +199,12 @@ def stage(src: SourceArgs, root: Path, strict: bool) -> Staged:
         reported: list[str] = []
         offsets = array("q")  # compact: one int64 per document
         pos = 0
+        clock = Every(PROGRESS_SECONDS)
         with atomic_open(folder / "docs.jsonl", "w", encoding="utf-8") as out:
             for record, where, reason in SOURCE_KINDS[src.kind](src):
+                if clock.due():
+                    logger.info("staging %s source: %s documents (%s bytes) in %s, %d bad inputs so far", src.kind,
+                                format_count(len(offsets)), format_count(pos), format_duration(clock.elapsed()), sum(bad.values()))
                 if record is None:
                     if strict:
                         raise PrepareError(f"bad input at {where}: {reason} (strict=true)")
@@ -299,10 +306,15 @@ def _write_docs(writer: SetWriter, staged: Staged, indices: np.ndarray, text_key
     is reached; returns how many were written. Tokens are counted in blocks, in ``pool`` if any."""
     written = 0
     lines = staged.lines(indices)
+    clock = Every(PROGRESS_SECONDS)
     while True:
         block = [line for _, line in zip(range(1024), lines)]
         if not block:
             return written
+        if clock.due():
+            goal = f" of {format_count(token_budget)} ({100 * writer.num_tokens / token_budget:.0f}%)" if token_budget else ""
+            logger.info("%s: %s documents, %s tokens%s in %s", writer.folder.name, format_count(written),
+                        format_count(writer.num_tokens), goal, format_duration(clock.elapsed()))
         texts = [json.loads(line)[text_key] for line in block]
         counts = pool.map(_count, texts, chunksize=16) if pool else [len(writer.tok.encode(t)) for t in texts]
         for line, text, k in zip(block, texts, counts):
