@@ -20,10 +20,20 @@ Added tokens (``import_hf(..., add_tokens=...)``)
 Tokenizers on export
     The exported tokenizer.json encodes WITHOUT a dummy prefix, exactly like ``lingua.tokenizer``
     (see its docstring), so transformers/vLLM tokenize prompts the way the model was trained.
+    BOS/EOS/PAD are special tokens there. The tokens added on top of the base tokenizer
+    (``Tokenizer.extra_special_tokens``: BoLT's four latent tokens) are exported as added tokens
+    that are NOT special: each still encodes to its single id, but decoding with
+    ``skip_special_tokens=True`` (the default of lm-eval's ``hf`` model and of vLLM) keeps them, so
+    a completion such as ``<|START_OF_LATENT|>...<|END_OF_LATENT|> 5`` reaches a grader intact.
+
+Generation defaults on export
+    ``generation_config.json`` holds neutral defaults (greedy: ``do_sample: false``, temperature
+    and top-p 1.0) and ``pad_token_id`` (PAD, else EOS); callers choose their own sampling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,7 +59,7 @@ from lingua.tokenizer import (
 from lingua.transformer import RopeScaling, Transformer, TransformerArgs
 
 NEW_ROW_NOISE = 0.02  # noise std of added rows, relative to the std of the existing rows
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}  # as the reference
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0}  # neutral: callers choose
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attention.wq",
@@ -211,8 +221,13 @@ def _llama_config_kwargs(args: TransformerArgs, tokenizer: Optional[Tokenizer]) 
         mlp_bias=False,
     )
     if tokenizer is not None:
-        kw.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        kw.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=pad_token_id(tokenizer))
     return kw
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The tokenizer's PAD id, else EOS (what HF generation pads batches with)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,18 +324,28 @@ def import_hf(
 
 
 def export_hf(
-    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    chat_template: Optional[str] = None,
 ) -> Path:
     """Consolidated folder -> HF Llama folder (model.safetensors, config.json,
-    generation_config.json, tokenizer.json + tokenizer_config.json, COMPLETE).
+    generation_config.json, tokenizer.json + tokenizer_config.json, README.md model card,
+    COMPLETE). ``chat_template``: a Jinja chat template (text) written into
+    tokenizer_config.json, for serving the export through an OpenAI-compatible chat endpoint;
+    None: no template (completion endpoints only).
 
-    Skips the work when ``out_dir`` is already complete for the same source fingerprint."""
+    Skips the work when ``out_dir`` is already complete for the same source and options."""
     from safetensors.torch import save_file
 
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     source = fingerprint(ckpt)
+    template_hash = None if chat_template is None else hashlib.sha256(chat_template.encode()).hexdigest()[:16]
     if is_done(out) and not overwrite:
-        if json.loads((out / DONE_MARKER).read_text()).get("source_fingerprint") == source:
+        done = json.loads((out / DONE_MARKER).read_text())
+        same = (done.get("source_fingerprint"), done.get("dtype"), done.get("chat_template_sha256"))
+        if same == (source, dtype, template_hash):
             return out
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE_MARKER).unlink(missing_ok=True)
@@ -338,22 +363,103 @@ def export_hf(
     config["rope_theta"] = rope["rope_theta"]
     config["rope_scaling"] = None if rope["rope_type"] == "default" else dict(rope)
     atomic_write_json(out / "config.json", config)
-    gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **GENERATION_DEFAULTS}
+    gen = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": pad_token_id(tokenizer),
+        **GENERATION_DEFAULTS,
+    }
     atomic_write_json(out / "generation_config.json", gen)
-    write_hf_tokenizer(tokenizer, out)
-    info = {"source": str(ckpt.resolve()), "source_fingerprint": source, "dtype": dtype, "extra": read_extra(ckpt)}
+    write_hf_tokenizer(tokenizer, out, chat_template=chat_template)
+    extra = read_extra(ckpt)
+    n_params = sum(v.numel() for v in hf_sd.values())
+    atomic_write_text(out / "README.md", model_card(model.args, tokenizer, n_params, dtype, chat_template is not None, extra))
+    info = {
+        "source": str(ckpt.resolve()),
+        "source_fingerprint": source,
+        "dtype": dtype,
+        "chat_template_sha256": template_hash,
+        "extra": extra,
+    }
     mark_done(out, info)
     return out
+
+
+def model_card(
+    args: TransformerArgs, tokenizer: Tokenizer, n_params: int, dtype: str, has_chat_template: bool, extra: dict
+) -> str:
+    """README.md of an export: what the model is, its tokens, how to load and evaluate it."""
+    names = {"BOS": tokenizer.bos_id, "EOS": tokenizer.eos_id, "PAD": tokenizer.pad_id}
+    rows = [f"| `{tokenizer.decode([i])}` | {i} | {role} (special) |" for role, i in names.items() if i is not None]
+    rows += [
+        f"| `{t}` | {tokenizer.special_ids[t]} | added, NOT special: kept by `skip_special_tokens=True` |"
+        for t in tokenizer.extra_special_tokens
+    ]
+    latent = bool(tokenizer.extra_special_tokens)
+    lines = [
+        "# Exported causal LM (Llama architecture)",
+        "",
+        "Exported from a consolidated checkpoint of this project (`python -m setup.convert_hf export`).",
+        "Plain `LlamaForCausalLM`: transformers and vLLM load it without custom code.",
+        "",
+        f"- parameters: {n_params:,} ({args.n_layers} layers, width {args.dim}, {args.n_heads} heads, "
+        f"{args.kv_heads} kv heads), weights in {dtype}",
+        f"- vocabulary: {args.vocab_size} ids, context: {args.max_seqlen} tokens",
+        f"- source: `{extra.get('source', 'trained here')}`" if extra.get("source") else "- source: trained with this project",
+        "",
+        "## Tokens",
+        "",
+        "The tokenizer adds no dummy prefix (prompts tokenize as in training); BOS is prepended by",
+        "`add_special_tokens=True`.",
+        "",
+        "| token | id | role |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+    if latent:
+        lines += [
+            "The latent-thought tokens are single ids but not special tokens, so default decoding",
+            "(`skip_special_tokens=True`, as lm-eval's `hf` model and vLLM do) keeps them: answer",
+            "extraction after `<|END_OF_LATENT|>` sees the same text as in this project's engine.",
+            "A model trained with prior thoughts answers a prompt that ends in",
+            "`<|START_OF_LATENT|><|PRIOR_PREFIX|>` by thinking, closing with `<|END_OF_LATENT|>`, then",
+            "answering.",
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(DIR)",
+        "model = AutoModelForCausalLM.from_pretrained(DIR)",
+        "ids = tok(prompt, return_tensors='pt').input_ids",
+        "text = tok.decode(model.generate(ids, max_new_tokens=256)[0, ids.shape[1]:], skip_special_tokens=True)",
+        "```",
+        "",
+        "`generation_config.json` is neutral (greedy; temperature and top-p 1.0); pass your own",
+        "sampling settings. Evaluate with lm-eval (`lm_eval --model hf --model_args pretrained=DIR`,",
+        "needs `accelerate`), or with this project's engine on the consolidated checkpoint",
+        "(`python -m apps.bolt.eval` / `bolt-lm-eval`, see docs/evaluation.md).",
+        "",
+        "Chat template: " + ("included (tokenizer_config.json), so OpenAI-compatible chat servers "
+                             "(vLLM, `transformers serve`) can serve it." if has_chat_template else
+                             "none (completion endpoints only; export with `--chat_template FILE` to add one)."),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 # tokenizer files for transformers
 
 
-def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
+def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, chat_template: Optional[str] = None) -> None:
     """tokenizer.json (+ tokenizer_config.json) that ``AutoTokenizer`` loads as a generic fast
     tokenizer encoding exactly like ``tokenizer`` (same ids, no dummy prefix, BOS prepended when
-    ``add_special_tokens=True``)."""
+    ``add_special_tokens=True``). The tokenizer's extra tokens (latent tokens) are added tokens
+    that are not special, so ``decode(..., skip_special_tokens=True)`` keeps them."""
     from tokenizers import AddedToken, processors
 
     hf_tok = _to_hf_tokenizer_object(tokenizer)
@@ -370,13 +476,18 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
     )
     spec = strip_dummy_prefix(json.loads(hf_tok.to_str()))
+    plain = set(tokenizer.extra_special_tokens)
+    for entry in spec.get("added_tokens") or []:
+        if entry.get("content") in plain:
+            entry["special"] = False
     out = Path(out_dir)
     atomic_write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2))
     named = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     cfg.update({k: tokenizer.decode([i]) for k, i in named.items() if i is not None})
-    cfg["additional_special_tokens"] = list(tokenizer.extra_special_tokens)
     cfg["model_max_length"] = 1 << 30
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
     atomic_write_json(out / "tokenizer_config.json", cfg)
     for stale in ("tokenizer.model", "special_tokens_map.json"):  # never leave a disagreeing copy
         (out / stale).unlink(missing_ok=True)
@@ -458,6 +569,8 @@ __all__ = [
     "import_hf",
     "lingua_to_hf_state_dict",
     "load_hf_state_dict",
+    "model_card",
+    "pad_token_id",
     "permute_from_hf",
     "permute_to_hf",
     "to_llama_config",

@@ -2,11 +2,16 @@
 
     python -m setup.convert_hf import --hf-dir DIR --out CKPT [--add-latent-tokens] [--seed 42]
     python -m setup.convert_hf export --ckpt CKPT --out DIR [--dtype float32|bfloat16] [--overwrite]
+                                      [--chat_template FILE|none]
 
 ``import`` reads config.json, safetensors/.bin weights and tokenizer files, converts names and the
 q/k rotary layout, and (with ``--add-latent-tokens``) adds the four BoLT latent tokens, resizing
 embeddings and output (new rows: mean of the old rows + small seeded noise; see lingua/hf.py).
-``export`` writes a folder that transformers and vLLM load without custom code.
+``export`` writes a folder that transformers and vLLM load without custom code: the latent tokens
+are non-special added tokens (they survive ``skip_special_tokens=True``), generation defaults are
+neutral (greedy), a README.md model card describes the model. ``--chat_template FILE`` stores that
+Jinja template in tokenizer_config.json so an OpenAI-compatible server (vLLM, ``transformers
+serve``) can serve the export on its chat endpoint (e.g. as a teacher); ``none`` (default): none.
 The conversion logic lives in ``lingua/hf.py``; the latent token strings come from the app
 (``apps.bolt.formats.SPECIAL_TOKENS``), because the core knows nothing of latents.
 """
@@ -39,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--overwrite", action="store_true", help="rewrite even if already exported")
+    exp.add_argument(
+        "--chat_template", "--chat-template", default="none",
+        help="Jinja chat template file stored in tokenizer_config.json (for chat servers); none: no template",
+    )
     return p
 
 
@@ -49,7 +58,22 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "import":
         add = latent_tokens() if args.add_latent_tokens else ()
         return str(import_hf(args.hf_dir, args.out, add_tokens=add, seed=args.seed))
-    return str(export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite))
+    return str(export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                         chat_template=read_chat_template(args.chat_template)))
+
+
+def read_chat_template(value: str) -> str | None:
+    """``none`` -> None; otherwise the text of the template file (a missing file is an error)."""
+    from pathlib import Path
+
+    from lingua.errors import ExpectedError
+
+    if value.strip().lower() in ("", "none"):
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ExpectedError(f"--chat_template {value}: no such file (give a Jinja template file or 'none')")
+    return path.read_text(encoding="utf-8")
 
 
 @entry_point("convert_hf")

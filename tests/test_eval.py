@@ -252,7 +252,7 @@ def test_gsm8k_end_to_end_with_known_accuracy(tok, tmp_path):
     assert line["variant"] == "raw" and line["n_seeds"] == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "COMPLETE", "config.yaml", "results_seed0.json", "results_seed1.json", "samples_seed0.jsonl", "samples_seed1.jsonl", "summary.json"]
-    assert json.loads((tmp_path / "out" / "results_seed1.json").read_text())["results"]["gsm8k_cot"]["exact_match,strict-match"] == 0.25
+    assert json.loads((tmp_path / "out" / "results_seed1.json").read_text())["results"]["bolt_gsm8k_cot"]["exact_match,strict-match"] == 0.25
 
     # rerun: already complete, nothing generated, no duplicate metrics line
     again = Scripted(tok, _gsm8k_answer)

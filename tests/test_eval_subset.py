@@ -160,7 +160,7 @@ def test_task_yamls_name_their_strata(lib, docs):
         assert stratify_fields(task) == ["level"], task.config.task
     for task in leaf_tasks(bench.build(["gsm8k_cot", "latent_gsm8k_cot", "mmlu_stem_cot"])):
         assert stratify_fields(task) == [], task.config.task
-    planned = plan(lib.build(["synthetic_cot"]), 37, seed=5)["synthetic_cot"]
+    planned = plan(lib.build(["synthetic_cot"]), 37, seed=5)["bolt_synthetic_cot"]
     assert planned.doc_ids == choose(docs, 37, seed=5, stratify=FIELDS).doc_ids
 
 
@@ -204,7 +204,7 @@ def test_eval_with_limit_scores_exactly_the_chosen_documents(engine, synthetic_r
         assert [s["doc_id"] for s in scored] == expected
         assert [s["doc"]["id"] for s in scored] == [docs[i]["id"] for i in expected]
         res = json.loads((tmp_path / "s" / f"results_seed{seed}.json").read_text())
-        assert res["n-samples"]["synthetic_cot"] == {"original": N_TEST, "effective": n}
+        assert res["n-samples"]["bolt_synthetic_cot"] == {"original": N_TEST, "effective": n}
         assert res["subset"] == summary["subset"]
     # what the model was actually asked: the chosen questions, once per seed
     asked = Counter(next(i for i in range(N_TEST) if p.endswith(docs[i]["query_raw"])) for p in backend.prompts)
@@ -212,9 +212,9 @@ def test_eval_with_limit_scores_exactly_the_chosen_documents(engine, synthetic_r
 
     rec = summary["subset"]
     assert (rec["limit"], rec["rule"], rec["seed"]) == (n, "stratified", 0)
-    task = rec["tasks"]["synthetic_cot"]
+    task = rec["tasks"]["bolt_synthetic_cot"]
     assert (task["n"], task["total"], task["rule"], task["stratify"], task["doc_ids"]) == (n, N_TEST, "stratified", FIELDS, expected)
-    assert "documents: synthetic_cot: 12 of 500 documents (stratified by world, steps, seed 0)" in capsys.readouterr().out
+    assert "documents: bolt_synthetic_cot: 12 of 500 documents (stratified by world, steps, seed 0)" in capsys.readouterr().out
 
     # the old rule, on request: the first N documents, under another eval id
     first = EvalArgs(**{**cfg.__dict__, "out_dir": str(tmp_path / "f"),
@@ -223,7 +223,7 @@ def test_eval_with_limit_scores_exactly_the_chosen_documents(engine, synthetic_r
     got = run(first, backend=Recording(engine))
     assert [s["doc_id"] for s in _scored(tmp_path / "f", 0)] == list(range(n))
     assert got["subset"]["rule"] == "first" and got["subset"]["seed"] is None
-    assert got["subset"]["tasks"]["synthetic_cot"]["doc_ids"] == list(range(n))
+    assert got["subset"]["tasks"]["bolt_synthetic_cot"]["doc_ids"] == list(range(n))
 
 
 def test_eval_id_ignores_the_subset_rule_without_a_limit():

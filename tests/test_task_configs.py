@@ -8,10 +8,13 @@ from apps.bolt.eval import EvalArgs
 from apps.bolt.evaluation import task_functions as F
 from apps.bolt.evaluation.tasks import (
     LATENT_PREFIX,
+    TASK_PREFIX,
     TASKS_DIR,
     TaskConfigError,
     TaskLibrary,
     apply_variant,
+    base_name,
+    is_latent,
     localize,
     variant_for_layout,
 )
@@ -50,7 +53,8 @@ def test_every_yaml_is_indexed(lib):
     templates = sorted(p.name for p in TASKS_DIR.rglob("_*.yaml"))
     assert templates == ["_latent_template.yaml", "_latent_template.yaml", "_template.yaml", "_template.yaml"]
     assert len(yamls) == len(lib.names) == 2 * (1 + 8 + 20 + 1)  # gsm8k, math 7+group, mmlu 19+group, synthetic
-    assert {"gsm8k_cot", "hendrycks_math_cot", "mmlu_stem_cot", "synthetic_cot"} <= set(lib.names)
+    assert {"bolt_gsm8k_cot", "bolt_hendrycks_math_cot", "bolt_mmlu_stem_cot", "bolt_synthetic_cot"} <= set(lib.names)
+    assert all(n.startswith(TASK_PREFIX) for n in lib.names)  # never shadows an lm-eval task
 
 
 def test_every_task_builds_from_local_files(lib):
@@ -62,7 +66,7 @@ def test_every_task_builds_from_local_files(lib):
         task.build_all_requests(limit=1)
         prompt = task.instances[0].args[0]
         shots = lib.config(name)["num_fewshot"]
-        assert prompt.count(SOL + PRIOR) == (shots + 1 if name.startswith(LATENT_PREFIX) else 0), name
+        assert prompt.count(SOL + PRIOR) == (shots + 1 if is_latent(name) else 0), name
         assert task.doc_to_target(docs[0]), name
 
 
@@ -77,9 +81,9 @@ def test_groups_weight_by_size(lib):
 def test_raw_and_latent_variants_pair_up(lib):
     names = set(_leaf_names(lib))
     for name in names:
-        twin = name[len(LATENT_PREFIX):] if name.startswith(LATENT_PREFIX) else LATENT_PREFIX + name
+        twin = apply_variant([name], "raw" if is_latent(name) else "latent")[0]
         assert twin in names, f"{name} has no {twin}"
-        if name.startswith(LATENT_PREFIX):
+        if is_latent(name):
             continue
         raw, lat = lib.config(name), lib.config(twin)
         for key in ("dataset_kwargs", "num_fewshot", "test_split", "fewshot_split", "output_type"):
@@ -181,8 +185,18 @@ def test_local_files_are_absolute_and_checked(lib, tmp_path):
 
 
 def test_unknown_task_is_a_clear_error(lib):
-    with pytest.raises(TaskConfigError, match="unknown task 'gsm8k'.*similar: gsm8k_cot"):
+    with pytest.raises(TaskConfigError, match="unknown task 'gsm8k'.*similar: bolt_gsm8k_cot"):
         lib.build(["gsm8k"])
+
+
+def test_unprefixed_names_still_resolve(lib):
+    """``gsm8k_cot`` and ``latent_gsm8k_cot`` (the names before the prefix) build the bolt_ tasks."""
+    for old, new in [("gsm8k_cot", "bolt_gsm8k_cot"), ("latent_hendrycks_math_cot", "bolt_latent_hendrycks_math_cot")]:
+        assert lib.canonical(old) == new
+        assert lib.raw_config(old) == lib.raw_config(new)
+    (task,) = lib.build(["latent_gsm8k_cot"])
+    assert task.config.task == "bolt_latent_gsm8k_cot"
+    assert lib.leaf_tasks("hendrycks_math_cot")[0] == "bolt_hendrycks_math_cot_algebra"
 
 
 @pytest.mark.parametrize("layout,variant", [("random", "latent"), ("prior", "latent"), ("raw", "raw"), ("posterior", "raw"), ("pure", "raw")])
@@ -191,8 +205,9 @@ def test_variant_follows_the_training_layout(layout, variant):
 
 
 def test_variant_names():
-    assert apply_variant(["gsm8k_cot", "latent_synthetic_cot"], "latent") == ["latent_gsm8k_cot", "latent_synthetic_cot"]
-    assert apply_variant(["latent_gsm8k_cot", "mmlu_stem_cot"], "raw") == ["gsm8k_cot", "mmlu_stem_cot"]
+    assert apply_variant(["gsm8k_cot", "latent_synthetic_cot"], "latent") == ["bolt_latent_gsm8k_cot", "bolt_latent_synthetic_cot"]
+    assert apply_variant(["bolt_latent_gsm8k_cot", "mmlu_stem_cot"], "raw") == ["bolt_gsm8k_cot", "bolt_mmlu_stem_cot"]
+    assert [base_name(n) for n in ("bolt_latent_gsm8k_cot", "latent_gsm8k_cot", "bolt_gsm8k_cot")] == ["gsm8k_cot"] * 3
     with pytest.raises(TaskConfigError, match="no training layout"):
         variant_for_layout(None)
 

@@ -17,6 +17,10 @@ the first ``until`` string here, so a backend that does not strip stop strings g
 result (lm-eval expects the LM to do this). ``loglikelihood``: the backend's joint tokenization of
 context + continuation (see :mod:`lingua.scoring`). ``loglikelihood_rolling``: disjoint windows of
 the text, each scored with as much preceding context as fits, conditioned on BOS at the start.
+Each of the three shows a tqdm progress bar over its requests (``progress=False`` hides it).
+
+Registered as ``bolt`` when this module is imported; ``bolt-lm-eval``
+(:mod:`apps.bolt.evaluation.cli`) registers it lazily for lm-eval's own command line.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class BoltLM(LM):
         overflow: str = "truncate",
         seed: int = 0,
         chunk_size: int = 256,
+        progress: bool = True,
     ):
         super().__init__()
         if overflow not in OVERFLOW_POLICIES:
@@ -89,6 +94,7 @@ class BoltLM(LM):
         self.overflow = overflow
         self.seed = seed
         self.chunk_size = chunk_size
+        self.progress = progress
         self.limits = Limits()
         self._ignored_kwargs: set[str] = set()
 
@@ -116,7 +122,15 @@ class BoltLM(LM):
         ckpt = args.pop("ckpt", None)
         if ckpt is None:
             raise ValueError("model_args must include ckpt=<consolidated folder or run/checkpoints/STEP>")
-        device = args.pop("device", None) or (additional_config or {}).get("device") or "cpu"
+        device = args.pop("device", None)
+        if device is None:  # lm-eval's --device (default cuda); cpu when there is no GPU
+            device = (additional_config or {}).get("device") or "cpu"
+            if str(device).startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    logger.warning("device %s is not available; the bolt model runs on cpu", device)
+                    device = "cpu"
         return cls.from_checkpoint(ckpt, device=device, **args)
 
     # ------------------------------------------------------------------------ properties
@@ -129,9 +143,15 @@ class BoltLM(LM):
         return type(self.tokenizer).__name__
 
     # ------------------------------------------------------------------------ generation
-    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+    def _bar(self, total: int, desc: str, disable_tqdm: bool):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=disable_tqdm or not self.progress or total == 0)
+
+    def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled continuations, cut at the request's ``until`` strings."""
         out: list[str | None] = [None] * len(requests)
+        bar = self._bar(len(requests), "bolt generate_until", disable_tqdm)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -150,6 +170,8 @@ class BoltLM(LM):
                     out[i] = text
                     self._count_generation(r)
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
         self.limits.generate_requests += len(requests)
         self._warn_if_bound(before)
         return out  # type: ignore[return-value]
@@ -210,9 +232,10 @@ class BoltLM(LM):
             )
 
     # ------------------------------------------------------------------------ scoring
-    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), greedy)`` per request; an empty context means BOS."""
         pairs = [tuple(r.args) for r in requests]
+        bar = self._bar(len(pairs), "bolt loglikelihood", disable_tqdm)
         before = self.limits.as_dict()
         out: list[tuple[float, bool]] = []
         for start in range(0, len(pairs), self.chunk_size):
@@ -222,17 +245,20 @@ class BoltLM(LM):
                     self.limits.loglikelihood_context_truncated += 1
                 out.append((float(res.sum_logprob), bool(res.is_greedy)))
                 self.cache_hook.add_partial("loglikelihood", pair, out[-1])
+            bar.update(len(chunk))
+        bar.close()
         self.limits.loglikelihood_requests += len(pairs)
         self._warn_if_bound(before)
         return out
 
-    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[float]:
+    def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text given BOS, over disjoint windows of the context."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         tok = self.tokenizer
         bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
         out = []
+        bar = self._bar(len(requests), "bolt loglikelihood_rolling", disable_tqdm)
         for req in requests:
             (text,) = req.args
             ids = tok.encode(text)
@@ -245,6 +271,8 @@ class BoltLM(LM):
             out.append(total)
             self.limits.rolling_windows += len(windows)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            bar.update(1)
+        bar.close()
         self.limits.rolling_requests += len(requests)
         return out
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from apps.bolt.evaluation.tasks import base_name
+from apps.bolt.evaluation.tasks import TASK_PREFIX, base_name
 from lingua.io import atomic_write_text, read_jsonl
 
 METRICS_FILE = "metrics.eval.jsonl"
@@ -31,9 +31,11 @@ _SKIP_KEYS = {"alias", "name", "sample_len", "sample_count", " ", "samples"}
 
 def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     """``{"<task>/<metric>/<filter>": value}`` for every numeric, non-stderr result of one
-    ``simple_evaluate`` output (tasks and groups; task names as lm-eval reports them)."""
+    ``simple_evaluate`` output (tasks and groups; task names as lm-eval reports them, less the
+    shipped tasks' ``bolt_`` prefix: ``gsm8k_cot``, ``latent_gsm8k_cot``)."""
     flat: dict[str, float] = {}
     for task, metrics in sorted(results.get("results", {}).items()):
+        task = task[len(TASK_PREFIX) :] if task.startswith(TASK_PREFIX) else task
         for key, value in metrics.items():
             if key in _SKIP_KEYS or "," not in key or "_stderr," in key:
                 continue

@@ -11,6 +11,14 @@ Tasks that are local by nature (``dataset_path: json``, the synthetic world's) g
 ``data_files`` relative to the data root. Relative ``data_files`` would otherwise resolve against
 the working directory (cpu-feasibility.md section 8), so every path handed to lm-eval is absolute.
 
+Names: every shipped task and group is called ``bolt_<name>`` (``bolt_gsm8k_cot``,
+``bolt_latent_gsm8k_cot``), so none shadows an lm-eval task of the same base name (lm-eval ships a
+``gsm8k_cot`` of its own). The unprefixed names still work everywhere in this project: configs
+name base tasks (``tasks: gsm8k_cot``), :func:`apply_variant` turns them into shipped names, and
+:class:`TaskLibrary` resolves ``gsm8k_cot`` to ``bolt_gsm8k_cot`` (and the reverse for task
+folders of one's own whose names carry no prefix). Metric keys use :func:`base_name`
+(``gsm8k_cot``), as before the prefix.
+
 lm-eval only reads a task's YAML when given its name, so the rewritten configs are handed over as
 built ``Task``/``Group`` objects: :meth:`TaskLibrary.build` loads each YAML (includes and
 ``!function`` references resolved), rewrites its dataset fields, and instantiates it. The
@@ -26,6 +34,8 @@ from typing import Any, Iterable
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LATENT_PREFIX = "latent_"
+TASK_PREFIX = "bolt_"
+"""Prefix of every shipped task and group name (keeps lm-eval's own task names free)."""
 
 LATENT_LAYOUTS = frozenset({"random", "prior"})
 """Training layouts whose models are evaluated on ``latent_`` tasks: they learned to write a prior
@@ -50,19 +60,23 @@ def variant_for_layout(layout: str | None) -> str:
 
 
 def apply_variant(names: Iterable[str], variant: str) -> list[str]:
-    """Task names for ``variant``: ``latent`` adds the ``latent_`` prefix, ``raw`` removes it."""
+    """Shipped task names for ``variant``: ``bolt_latent_<base>`` or ``bolt_<base>``, from base,
+    ``latent_`` or ``bolt_`` names alike."""
     if variant not in ("raw", "latent"):
         raise TaskConfigError(f"variant must be raw or latent here, got {variant!r}")
-    out = []
-    for name in names:
-        base = name[len(LATENT_PREFIX) :] if name.startswith(LATENT_PREFIX) else name
-        out.append(LATENT_PREFIX + base if variant == "latent" else base)
-    return out
+    return [TASK_PREFIX + (LATENT_PREFIX if variant == "latent" else "") + base_name(n) for n in names]
 
 
 def base_name(task: str) -> str:
-    """Task name without the ``latent_`` prefix (metrics files use it, see results.py)."""
+    """Task name without the ``bolt_`` and ``latent_`` prefixes (metrics files use it, see results.py)."""
+    if task.startswith(TASK_PREFIX):
+        task = task[len(TASK_PREFIX) :]
     return task[len(LATENT_PREFIX) :] if task.startswith(LATENT_PREFIX) else task
+
+
+def is_latent(task: str) -> bool:
+    """Whether ``task`` (with or without ``bolt_``) names a latent variant."""
+    return (task[len(TASK_PREFIX) :] if task.startswith(TASK_PREFIX) else task).startswith(LATENT_PREFIX)
 
 
 def localize(cfg: dict[str, Any], data_root: Path | None) -> dict[str, Any]:
@@ -143,8 +157,16 @@ class TaskLibrary:
             cfg["num_fewshot"] = num_fewshot
         return cfg
 
+    def canonical(self, name: str) -> str:
+        """The indexed name for ``name``: itself, else with ``bolt_`` added or removed."""
+        if name in self._index:
+            return name
+        alt = name[len(TASK_PREFIX) :] if name.startswith(TASK_PREFIX) else TASK_PREFIX + name
+        return alt if alt in self._index else name
+
     def leaf_tasks(self, name: str) -> list[str]:
         """The task names under ``name`` (itself when it is a task), in YAML order."""
+        name = self.canonical(name)
         if not self.is_group(name):
             return [name]
         return [leaf for child in self._children(name) for leaf in self.leaf_tasks(child)]
@@ -155,7 +177,7 @@ class TaskLibrary:
 
     # ------------------------------------------------------------------------ internals
     def _entry(self, name: str):
-        entry = self._index.get(name)
+        entry = self._index.get(self.canonical(name))
         if entry is None or entry.yaml_path is None:
             close = [n for n in self.names if name in n or n in name][:5]
             hint = f" (similar: {', '.join(close)})" if close else ""
@@ -176,6 +198,7 @@ class TaskLibrary:
         from lm_eval.api.task import ConfigurableTask
         from lm_eval.config.group import GroupConfig
 
+        name = self.canonical(name)
         if not self.is_group(name):
             try:
                 return ConfigurableTask(config=self.config(name, num_fewshot))
