@@ -10,6 +10,17 @@ runs them one after another, or ``parallel`` at a time; slurm mode submits a job
 ``shard_args`` with ``{shard}`` replaced by i. With ``nproc>1`` the stage runs under torchrun
 (``--standalone`` on one node; on several nodes the rendezvous is the job's first node).
 
+Before anything is submitted, ``launch`` parses the stage's own configuration exactly as the
+stage will (its ``main``'s ``cli_config`` class, over the first job's arguments), so a missing
+``config=`` file or a typo fails at once with one line (exit 2), not after the queue wait
+(``check_config=false`` skips this). ``cluster=slurm`` without ``sbatch`` on ``PATH`` is one line
+too. ``mode=cat script=true`` also prints the sbatch script ``launch`` would submit.
+
+Time limits: submitit asks slurm for its warning signal (``SIGUSR2``, ``signal_delay_s`` seconds
+before the limit). The job wrapper (:class:`JobCommand`) passes it on to the stage (a training saves
+a checkpoint at the end of its current step and exits with ``lingua.trainer.EXIT_REQUEUE``), waits
+for it, and has submitit requeue the job, which then resumes from that checkpoint.
+
 Submitted jobs are plain submitit jobs, so a program can also wait for them and re-attach to
 them later from their ids: :func:`submit_jobs`, :func:`attach_jobs`, :func:`job_alive`,
 :func:`wait_jobs` (the EM driver does this). ``cluster=local`` runs the same submissions as local
@@ -18,9 +29,13 @@ processes through submitit's local executor: a stand-in for slurm on a machine w
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
+import importlib.util
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,13 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from lingua.args import load_config
-from lingua.errors import entry_point
+from lingua.args import ConfigError, load_config, parse_args
+from lingua.errors import ExpectedError, entry_point
 
 MODES = ("cat", "run", "launch")
 CLUSTERS = ("slurm", "local")
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED")
 """Slurm states of a job that has not finished for good (a re-attached job in one is waited for)."""
+EXIT_REQUEUE = 75
+"""A stage's exit status after saving its state on the time-limit signal (``lingua.trainer.EXIT_REQUEUE``)."""
 MASTER_ADDR = "{master_addr}"
 """Placeholder in multi-node torchrun commands, filled in the job from its node list."""
 
@@ -73,6 +90,12 @@ class LaunchArgs:
     """Launch mode: block until the jobs finish; exit 1 (listing their logs) when one failed."""
     poll_s: float = 60.0
     """Seconds between checks while waiting."""
+    signal_delay_s: int = 90
+    """Launch mode (slurm): the time-limit warning signal comes this long before the limit."""
+    check_config: bool = True
+    """Launch mode: parse the stage's configuration before submitting (fail here, not in the queue)."""
+    script: bool = False
+    """Cat mode: also print the sbatch script launch mode would submit (cluster=slurm)."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -85,6 +108,45 @@ class LaunchArgs:
             raise ValueError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
         if self.poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
+        if self.signal_delay_s < 0 or (self.signal_delay_s >= 60 * self.time_min):
+            raise ValueError(f"signal_delay_s must be >= 0 and shorter than time_min, got {self.signal_delay_s}")
+
+
+def stage_config_class(module: str) -> type | None:
+    """The dataclass a stage's ``main`` parses its command line into: the first argument of the
+    ``cli_config(...)`` call in its ``main`` (read from the source; the module is then imported,
+    which runs no work). None when its ``main`` does not parse through ``cli_config``, or when
+    the module is not importable here (it may be in the job's environment only)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for fn in tree.body:
+        if isinstance(fn, ast.FunctionDef) and fn.name == "main":
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "cli_config"
+                        and node.args and isinstance(node.args[0], ast.Name)):
+                    cls = getattr(importlib.import_module(module), node.args[0].id, None)
+                    return cls if isinstance(cls, type) else None
+    return None
+
+
+def check_stage_config(a: LaunchArgs, stage_argv: list[str]) -> type | None:
+    """Parse the first job's stage arguments as the stage will; a problem raises ConfigError
+    naming the stage. Returns the config class (None: the stage has no ``cli_config`` to check)."""
+    cls = stage_config_class(a.module)
+    if cls is None:
+        return None
+    argv = [x for x in commands(a, stage_argv)[0] if x != "--debug"]
+    argv = argv[argv.index(a.module) + 1:] if a.module in argv else argv
+    try:
+        parse_args(cls, argv)
+    except ConfigError as e:
+        raise ConfigError(f"{a.module}: {e} (nothing was submitted)") from None
+    return cls
 
 
 def stage_command(a: LaunchArgs, stage_argv: list[str], shard: int | None = None) -> list[str]:
@@ -135,9 +197,18 @@ class JobCommand:
     In the job, the interpreter's folder leads ``PATH`` (so ``torchrun`` is the job's own) and
     ``{master_addr}`` becomes the job's first node (multi-node rendezvous)."""
 
-    def __init__(self, command: list[str], cwd: str):
+    def __init__(self, command: list[str], cwd: str, grace_s: float = 80.0):
         self.command = list(command)
         self.cwd = cwd
+        self.grace_s = grace_s
+        self._child: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._child = None
 
     def resolved(self, master_addr: str | None = None) -> list[str]:
         if master_addr is None and any(MASTER_ADDR in c for c in self.command):
@@ -151,18 +222,63 @@ class JobCommand:
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         print("+ " + shlex.join(cmd), flush=True)
-        code = subprocess.call(cmd, cwd=self.cwd, env=env)
+        self._child = subprocess.Popen(cmd, cwd=self.cwd, env=env)
+        code = self._child.wait()
+        if code == EXIT_REQUEUE:
+            raise RuntimeError(f"command stopped to be requeued (status {code}) but this job got no time-limit signal; "
+                               f"resubmit it to resume: {shlex.join(cmd)}")
         if code != 0:
             raise RuntimeError(f"command exited with status {code}: {shlex.join(cmd)}")
         return code
 
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit calls this on the time-limit signal (``submitit.helpers.Checkpointable``'s
+        protocol): pass the signal on to the stage (torchrun's workers under torchrun), wait up to
+        ``grace_s`` for it to save and exit, then return this same command for submitit to
+        requeue (rerun, the stage resumes). A stage that failed meanwhile is not requeued, except
+        under torchrun, which reports its workers' status 75 as a failure of its own."""
+        import submitit
+        from submitit.core.utils import DelayedSubmission
+
+        child = self._child
+        torchrun = os.path.basename(self.command[0]) == "torchrun"
+        if child is not None and child.poll() is None:
+            sig = submitit.JobEnvironment._usr_sig()
+            for pid in (_child_pids(child.pid) if torchrun else [child.pid]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=self.grace_s)
+        code = None if child is None else child.poll()
+        if code not in (None, 0, EXIT_REQUEUE) and not torchrun:
+            print(f"not requeued: the command exited with status {code}", file=sys.stderr, flush=True)
+            return None
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc); [pid] itself when they cannot be read."""
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()] or [pid]
+    except OSError:
+        return [pid]
+
 
 def _executor(a: LaunchArgs, folder: Path) -> Any:
+    if a.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ExpectedError("cluster=slurm but slurm's sbatch is not on PATH (no slurm here?); "
+                            "use cluster=local to run the jobs as local processes, or mode=run")
     try:
         import submitit
     except ImportError as e:  # pragma: no cover - submitit is in requirements
-        raise SystemExit("launch mode needs submitit: pip install submitit") from e
+        raise ExpectedError("launch mode needs submitit: pip install submitit") from e
     ex = submitit.AutoExecutor(folder=str(folder), cluster=a.cluster)
+    ex.update_parameters(**_executor_params(a))
+    return ex
+
+
+def _executor_params(a: LaunchArgs) -> dict[str, Any]:
+    """submitit.AutoExecutor parameters (generic names, slurm ones prefixed ``slurm_``)."""
     params: dict[str, Any] = dict(
         name=a.job_name,
         nodes=a.nodes,
@@ -172,6 +288,8 @@ def _executor(a: LaunchArgs, folder: Path) -> Any:
         timeout_min=a.time_min,
         slurm_array_parallelism=a.max_array_parallel,
     )
+    if a.cluster == "slurm":  # (submitit's local executor signals 30 s before its limit)
+        params["slurm_signal_delay_s"] = a.signal_delay_s
     if a.gpus:
         params["gpus_per_node"] = a.gpus
     for key, value in (("slurm_partition", a.partition), ("slurm_account", a.account), ("slurm_qos", a.qos)):
@@ -181,8 +299,7 @@ def _executor(a: LaunchArgs, folder: Path) -> Any:
         params["slurm_additional_parameters"] = dict(a.extra_slurm)
     if a.setup:
         params["slurm_setup"] = list(a.setup)
-    ex.update_parameters(**params)
-    return ex
+    return params
 
 
 def job_folder(a: LaunchArgs) -> Path:
@@ -212,7 +329,8 @@ def _submission_env() -> Iterator[None]:
 def submit_jobs(a: LaunchArgs, cmds: list[list[str]]) -> list[Any]:
     """Submit one job per command (an array when there are several); returns submitit jobs.
     Safe to call from several threads."""
-    fns = [JobCommand(cmd, cwd=os.getcwd()) for cmd in cmds]
+    grace = max(1.0, (a.signal_delay_s if a.cluster == "slurm" else 30) - 10.0)
+    fns = [JobCommand(cmd, cwd=os.getcwd(), grace_s=grace) for cmd in cmds]
     with _SUBMIT_LOCK, _submission_env():
         ex = _executor(a, job_folder(a))
         with ex.batch():
@@ -326,12 +444,37 @@ def wait_jobs(jobs: Sequence[Any], poll_s: float = 60.0, log: Callable[[str], No
     return failures
 
 
+def sbatch_script(a: LaunchArgs, n_jobs: int = 1) -> str:
+    """The sbatch script ``launch`` submits for ``n_jobs`` commands (an array when > 1), as
+    submitit renders it (the commands themselves travel in its pickles). Needs no slurm."""
+    if a.cluster != "slurm":
+        raise ConfigError("script=true renders the sbatch script of cluster=slurm; cluster=local submits none")
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    class RenderingExecutor(SlurmExecutor):  # the real one refuses to exist without srun
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    ex = RenderingExecutor(folder=str(job_folder(a)))
+    ex.update_parameters(**ex._convert_parameters({k.removeprefix("slurm_"): v for k, v in _executor_params(a).items()}))
+    params = dict(ex.parameters)
+    if n_jobs > 1:
+        params["map_count"] = n_jobs
+    return _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
+
+
 def run(a: LaunchArgs, stage_argv: list[str]) -> int:
     cmds = commands(a, stage_argv)
     if a.mode == "cat":
         for cmd in cmds:
             print(shlex.join(cmd))
+        if a.script:
+            print(f"# sbatch script (submitit runs the command(s) above from its pickles in {job_folder(a)}):")
+            print(sbatch_script(a, len(cmds)), end="")
         return 0
+    if a.mode == "launch" and a.check_config:
+        check_stage_config(a, stage_argv)
     if a.mode == "run":
         return _run_local(cmds, a.parallel)
     jobs = submit_jobs(a, cmds)

@@ -4,13 +4,23 @@ hardware figures (MFU, memory) and an optional wandb mirror.
 wandb is imported only when ``logging.wandb`` is true, runs offline unless the config says
 otherwise (``WANDB_MODE`` is exported before the import, which also stops wandb's network
 look-up at exit), and is never required: everything it shows is in ``metrics.jsonl``.
+
+A run's wandb identity (:func:`wandb_identity`) comes from its folder, not its name: the EM driver
+names runs ``warmstart_t0``, ``iter1_t0``, ... in every experiment, so the id is the name plus a
+hash of the resolved run folder (the same on every resume of that folder, different for another
+experiment's run of the same name). ``group`` is the experiment (``logging.wandb_group``; default:
+the run folder's parent, or its grandparent when the parent is a generic ``runs`` folder, i.e. the
+EM ``dump_dir``'s name), ``job_type`` the stage (``logging.wandb_job_type``; default: the run
+name without its ``_t<trial>`` suffix: ``warmstart``, ``iter1``, ``raw_token_match``).
 """
 
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import os
+import re
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +54,38 @@ class LoggingArgs:
     wandb_project: str = "bolt"
     wandb_entity: str = ""
     wandb_tags: list[str] = field(default_factory=list)
+    wandb_group: str = ""
+    """The experiment the run belongs to; "": the run folder's parent (skipping a ``runs`` folder)."""
+    wandb_job_type: str = ""
+    """The run's stage; "": its name without the ``_t<trial>`` suffix."""
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {'|'.join(WANDB_MODES)}, got {self.wandb_mode!r}")
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"level must be DEBUG|INFO|WARNING|ERROR, got {self.level!r}")
+
+
+_GENERIC_PARENTS = ("runs",)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def wandb_identity(run_dir: str | os.PathLike, run_name: str, args: LoggingArgs) -> dict[str, str]:
+    """``id``, ``group`` and ``job_type`` of the wandb run of the run folder ``run_dir``.
+
+    The id is the (sanitised) name plus 12 hex digits of the SHA-256 of the resolved folder path:
+    stable across resumes of the folder, distinct between experiments that reuse run names."""
+    folder = Path(run_dir).resolve()
+    digest = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:12]
+    stem = _UNSAFE.sub("-", run_name).strip("-.")[:48] or "run"
+    group = args.wandb_group
+    if not group:
+        parent = folder.parent
+        if parent.name in _GENERIC_PARENTS and parent.parent.name:
+            parent = parent.parent
+        group = parent.name or "root"
+    job_type = args.wandb_job_type or re.sub(r"_t\d+$", "", run_name) or run_name
+    return {"id": f"{stem}-{digest}", "group": group[:128], "job_type": job_type[:64]}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -93,8 +129,11 @@ class MetricLogger:
     at most the line being written) and mirrors it to wandb when enabled. Only the main rank
     should create one."""
 
-    def __init__(self, path: str | os.PathLike, args: LoggingArgs, run_name: str, config: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike, args: LoggingArgs, run_name: str, config: dict[str, Any],
+                 run_dir: str | os.PathLike | None = None):
+        """``run_dir`` (default: the folder of ``path``) fixes the wandb identity (:func:`wandb_identity`)."""
         self.path = Path(path)
+        self.run_dir = Path(run_dir) if run_dir is not None else self.path.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         self._wandb = self._init_wandb(args, run_name, config) if args.wandb else None
@@ -107,7 +146,7 @@ class MetricLogger:
             project=args.wandb_project,
             entity=args.wandb_entity or None,
             name=run_name,
-            id=run_name,
+            **wandb_identity(self.run_dir, run_name, args),
             resume="allow",
             dir=str(self.path.parent),
             config=config,

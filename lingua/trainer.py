@@ -41,6 +41,12 @@ refused with one line listing the keys, unless ``checkpoint.allow_config_change=
 appended to ``config_changes.jsonl`` (step, old and new values) and the config that trained up to
 that step is kept as ``config.<step>.yaml``.
 
+Time limits (requeue): on the scheduler's warning signal (``SIGUSR2``, or the signal named by
+``SUBMITIT_PREEMPT_SIGNAL``, the variable submitit itself reads; ``none`` turns this off) the run
+finishes the current step, saves a checkpoint there, and the process exits with status
+:data:`EXIT_REQUEUE` (75, ``EX_TEMPFAIL``): rerun (or requeued by ``lingua.launch``'s job
+wrapper), it resumes from that step exactly as if it had not stopped.
+
 Finished runs: rerunning one trains nothing; when its final consolidated folder is missing or
 incomplete (e.g. the process was killed while consolidating) it is rebuilt from the last
 checkpoint.
@@ -53,6 +59,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -102,6 +110,53 @@ a ``plan(total_steps)`` method is told the run's final step before training star
 _EVAL_HOOKS: dict[str, EvalHook] = {}
 
 
+EXIT_REQUEUE = 75
+"""Exit status of a training stopped by the time-limit signal after saving a checkpoint (EX_TEMPFAIL)."""
+REQUEUE_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+class TrainingRequeued(SystemExit):
+    """Raised by :func:`train` once a run stopped by the requeue signal has saved its checkpoint
+    and released its folder; its exit status is :data:`EXIT_REQUEUE`."""
+
+    def __init__(self, step: int, signame: str):
+        super().__init__(EXIT_REQUEUE)
+        self.step, self.signame = step, signame
+
+
+def requeue_signal() -> signal.Signals | None:
+    """The time-limit warning signal: ``$SUBMITIT_PREEMPT_SIGNAL`` (``USR2``, ``SIGUSR2`` or a
+    number; ``none`` or empty: no handler), default ``SIGUSR2`` (what submitit asks slurm for)."""
+    name = os.environ.get(REQUEUE_SIGNAL_ENV, "USR2").strip()
+    if name.lower() in ("", "none", "0"):
+        return None
+    try:
+        return signal.Signals(int(name)) if name.isdigit() else signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise ConfigError(f"{REQUEUE_SIGNAL_ENV}={name!r} is not a signal name (e.g. USR2) or number") from None
+
+
+class _StopSignal:
+    """Records the requeue signal while installed (main thread only); the loop polls ``seen``."""
+
+    def __init__(self) -> None:
+        self.sig = requeue_signal()
+        self.seen: str | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopSignal":
+        if self.sig is not None and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(self.sig, self._previous)
+
+
 def register_eval_hook(name: str, hook: EvalHook, *, replace: bool = False) -> None:
     """Make ``hook`` selectable by name from the ``evals`` list of a training config."""
     if name in _EVAL_HOOKS and not replace:
@@ -134,8 +189,9 @@ def masked_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -
 class _Run:
     """State of one ``train`` call; the loop body is split into methods for readability."""
 
-    def __init__(self, cfg: TrainArgs, format_fn: Any, eval_hooks: Sequence[EvalHook]):
+    def __init__(self, cfg: TrainArgs, format_fn: Any, eval_hooks: Sequence[EvalHook], stop: _StopSignal | None = None):
         self.cfg = cfg
+        self.stop_signal = stop
         self.format_fn = format_fn
         self.env = D.init_distributed(cfg.distributed)
         self.dir = Path(cfg.dump_dir)
@@ -365,7 +421,8 @@ class _Run:
             progress.mark_first_step()
             window_steps += 1
             losses[self.step] = out["loss"]
-            stop, final = self.step == end, self.step == self.total
+            requeue = self.requeue_requested()
+            stop, final = self.step == end or requeue, self.step == self.total
             must = self.step in self.must_eval
             eval_due = bool(self.hooks) and cfg.eval.is_eval_step(self.step, self.total)
             val_due = bool(cfg.val.source) and (bool(cfg.val.every and self.step % cfg.val.every == 0) or final or must)
@@ -393,22 +450,39 @@ class _Run:
                 last["val"] = self.validate()
                 record.update(last["val"])
                 logger.info("step %d: val loss %.4f", self.step, last["val"]["val/loss"])
-            if eval_due:
+            # near the time limit an in-process evaluation waits for the resume (its checkpoint says so)
+            defer_eval = requeue and self.step < end and not launch
+            if eval_due and not defer_eval:
                 last["eval"] = self.run_evals()
                 record.update(last["eval"])
             if log_due or val_due or eval_due:  # the same on every rank: tokens() is a collective
                 tokens = self.tokens() if seen is None else sum(seen.values())
                 if self.metrics is not None:
                     self.metrics.log({"step": self.step, "tokens": tokens, **record})
-            if eval_due and save_due and not launch and env.is_main:
+            if eval_due and save_due and not launch and not defer_eval and env.is_main:
                 clear_eval_pending(last["checkpoint"])  # its results are in the metrics row now
+            if requeue and self.step < end:
+                logger.warning("step %d: %s received: checkpoint saved, stopping to be requeued", self.step, self.stop_signal.seen)
+                last["requeue"] = self.stop_signal.seen
+                break
         finished = self.step == self.total
         consolidated = self.consolidate_final(last["checkpoint"] or self.resumed_from) if finished else None
         return {
             "run_dir": str(self.dir), "step": self.step, "total_steps": self.total, "resumed_from": self.resumed_from,
             "losses": losses, "final_loss": losses.get(self.step), "val": last["val"], "eval": last["eval"],
             "checkpoint": last["checkpoint"], "consolidated": consolidated, "tokens_seen": self.global_tokens_seen(),
+            "requeue": last.get("requeue"),
         }
+
+    def requeue_requested(self) -> bool:
+        """Whether any rank got the requeue signal (a collective when distributed, so all stop together)."""
+        seen = self.stop_signal is not None and self.stop_signal.seen is not None
+        if self.env.world_size > 1:
+            (n,) = D.all_reduce_sum([float(seen)], self.env.device)
+            if n and self.stop_signal is not None and self.stop_signal.seen is None:
+                self.stop_signal.seen = "signal on another rank"
+            return n > 0
+        return seen
 
     def consolidate_final(self, step_dir: str | None) -> str | None:
         """The final step's consolidated folder, written when it is missing or incomplete: after
@@ -481,17 +555,21 @@ def train(cfg: TrainArgs, *, format_fn: Any = None, eval_hooks: Sequence[EvalHoo
     """Train (or resume training) as configured; returns a summary dict (run_dir, step,
     losses by step, final_loss, val and eval results, last checkpoint, consolidated folder)."""
     started_pg = not D.dist.is_initialized()
-    try:
-        with _lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
-            run = None
-            try:
-                run = _Run(cfg, format_fn, eval_hooks)
-                run.setup()
-                return run.loop()
-            finally:
-                if run is not None:
-                    run.close()
-    finally:
-        close_logger()
-        if started_pg:
-            D.destroy_distributed()
+    with _StopSignal() as stop:
+        try:
+            with _lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
+                run = None
+                try:
+                    run = _Run(cfg, format_fn, eval_hooks, stop)
+                    run.setup()
+                    summary = run.loop()
+                finally:
+                    if run is not None:
+                        run.close()
+        finally:
+            close_logger()
+            if started_pg:
+                D.destroy_distributed()
+    if summary["requeue"]:
+        raise TrainingRequeued(summary["step"], summary["requeue"])
+    return summary

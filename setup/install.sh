@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent environment setup: .venv with torch first, then requirements pinned against it,
 # then this project in editable mode. A second run on a ready venv takes seconds.
+# Versions: constraints.txt pins everything but torch (pip -c), so installs months apart match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -9,7 +10,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PY=${PYTHON:-python3}
 
 stamp_of() {  # everything that should trigger a reinstall when it changes
-  { cat requirements.txt pyproject.toml; echo "torch=$TORCH_VERSION"; } | sha256sum | cut -c1-16
+  { cat requirements.txt constraints.txt pyproject.toml; echo "torch=$TORCH_VERSION"; } | sha256sum | cut -c1-16
 }
 STAMP="$VENV/.bolt-install-$(stamp_of)"
 if [ -f "$STAMP" ]; then
@@ -41,9 +42,9 @@ fi
 PIN=$(mktemp); trap 'rm -f "$PIN"' EXIT
 "$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
 echo "install.sh: installing requirements (torch pinned to $(cat "$PIN"))"
-quiet_pip install -q -c "$PIN" -r requirements.txt
+quiet_pip install -q -c "$PIN" -c constraints.txt -r requirements.txt
 # (setuptools warns about editable installs in general; PYTHONWARNINGS reaches its build process)
-PYTHONWARNINGS=ignore quiet_pip install -q -c "$PIN" --no-deps -e .
+PYTHONWARNINGS=ignore quiet_pip install -q -c "$PIN" -c constraints.txt --no-deps -e .
 rm -f "$VENV"/.bolt-install-*
 touch "$STAMP"
 echo "install.sh: environment ready at $VENV"

@@ -1,9 +1,13 @@
 import sys
+from pathlib import Path
 
 import pytest
 
 from lingua.args import ConfigError, load_config
 from lingua.launch import LaunchArgs, commands, run
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(**kw):
@@ -122,3 +126,54 @@ def test_submissions_from_inside_a_job_hide_its_slurm_variables(monkeypatch):
         assert "SLURM_CPUS_PER_TASK" not in os.environ and "RANK" not in os.environ
         assert os.environ["SLURM_CONF"] == "/etc/slurm/x.conf" and os.environ["SBATCH_ACCOUNT"] == "mine"
     assert os.environ["SLURM_CPUS_PER_TASK"] == "4" and os.environ["RANK"] == "3"
+
+
+# ---------------------------------------------------------------- checks before submitting
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_launch_checks_the_stage_config_before_submitting(tmp_path, monkeypatch, capsys):
+    from lingua.launch import main
+
+    monkeypatch.chdir(REPO)
+    log_dir = tmp_path / "logs"
+    for stage_argv, expected in (
+        (["config=missing.yaml", "typo=1"], "config file not found"),
+        ([f"config={REPO / 'apps/bolt/configs/train_debug.yaml'}", "typo=1"], "unknown config key 'typo'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["mode=launch", "module=apps.bolt.train", "cluster=local", f"log_dir={log_dir}", "--", *stage_argv])
+        assert exit_info.value.code == 2
+        line = _one_error_line(capsys)
+        assert line.startswith("lingua.launch: error: apps.bolt.train:") and expected in line and "nothing was submitted" in line
+    assert not log_dir.exists()  # no job folder, no job
+
+
+def test_slurm_without_sbatch_is_one_line(tmp_path, monkeypatch, capsys):
+    from lingua.launch import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch (nor anything else) on PATH
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mode=launch", "module=apps.bolt.train", f"log_dir={tmp_path / 'logs'}", "--",
+              "config=apps/bolt/configs/train_debug.yaml"])
+    assert exit_info.value.code == 1
+    assert "sbatch is not on PATH" in _one_error_line(capsys)
+
+
+def test_cat_prints_the_sbatch_script_launch_would_submit(tmp_path, capsys):
+    a = _args(mode="cat", module="apps.bolt.estep", shards=4, gpus=1, partition="gpu", time_min=600, signal_delay_s=120,
+              script="true", log_dir=str(tmp_path), job_name="estep", setup='["module load cuda/12.8"]')
+    assert run(a, ["config=e.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-m apps.bolt.estep config=e.yaml shard=") == 4
+    for directive in ("#SBATCH --array=0-3%4", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=600",
+                      "#SBATCH --signal=USR2@120", "#SBATCH --job-name=estep", f"#SBATCH --output={tmp_path}/estep/"):
+        assert directive in out, directive
+    assert "module load cuda/12.8" in out and "submitit.core._submit" in out
+    assert not (tmp_path / "estep").exists()  # rendering submits and writes nothing
+    with pytest.raises(ConfigError, match="cluster=local submits none"):
+        run(_args(mode="cat", module="m", cluster="local", script="true"), [])
