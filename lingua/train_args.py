@@ -80,7 +80,7 @@ class EvalArgs:
 @dataclass
 class TrainArgs:
     name: str = "run"
-    """Run name (wandb run id, log labels)."""
+    """Run name (log labels; the wandb run is named after it, its id adds a hash of the run folder)."""
     dump_dir: str = ""
     """Run folder; required. Rerunning with the same folder resumes."""
     seed: int = 42

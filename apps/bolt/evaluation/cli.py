@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from lingua.errors import entry_point
+
 MODEL_NAME = "bolt"
 MODEL_TARGET = "apps.bolt.evaluation.harness:BoltLM"
 _INCLUDE_SUBCOMMANDS = {"run", "ls", "validate"}
@@ -44,6 +46,7 @@ def with_task_path(argv: Sequence[str]) -> list[str]:
     return args
 
 
+@entry_point("bolt-lm-eval")
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``bolt-lm-eval = apps.bolt.evaluation.cli:main``)."""
     from lm_eval.__main__ import cli_evaluate
