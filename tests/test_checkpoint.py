@@ -40,14 +40,6 @@ from tests.test_trainer import DEBUG_YAML, REPO, debug_cfg, overrides, read_metr
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fake_folder(root: Path, step: int, complete: bool = True) -> Path:
     folder = step_folder(root, step)
     folder.mkdir(parents=True)

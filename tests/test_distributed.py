@@ -25,14 +25,6 @@ from tests.test_trainer import DEBUG_YAML, REPO, debug_cfg, overrides, read_metr
 REL_TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_two_process_fsdp_run_matches_one_process_and_resumes_in_one(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     # global batch 4 = 2 shards x 2 micro-batches of 1 row: also exercises the no-sync micro-steps

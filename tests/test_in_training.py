@@ -40,14 +40,6 @@ ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 STEP_TOKENS = 2 * 64  # data.batch_size x data.seq_len below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return _latent_corpus(tmp_path_factory.mktemp("data"))
