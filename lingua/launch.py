@@ -18,7 +18,7 @@ too. ``mode=cat script=true`` also prints the sbatch script ``launch`` would sub
 
 Time limits: submitit asks slurm for its warning signal (``SIGUSR2``, ``signal_delay_s`` seconds
 before the limit). The job wrapper (:class:`JobCommand`) passes it on to the stage (a training saves
-a checkpoint at the end of its current step and exits with ``lingua.trainer.EXIT_REQUEUE``), waits
+a checkpoint at the end of its current step and exits with ``lingua.requeue.EXIT_REQUEUE``), waits
 for it, and has submitit requeue the job, which then resumes from that checkpoint.
 
 Submitted jobs are plain submitit jobs, so a program can also wait for them and re-attach to
@@ -46,13 +46,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from lingua.args import ConfigError, load_config, parse_args
 from lingua.errors import ExpectedError, entry_point
+from lingua.requeue import EXIT_REQUEUE  # noqa: F401  (also read as launch.EXIT_REQUEUE)
 
 MODES = ("cat", "run", "launch")
 CLUSTERS = ("slurm", "local")
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED")
 """Slurm states of a job that has not finished for good (a re-attached job in one is waited for)."""
-EXIT_REQUEUE = 75
-"""A stage's exit status after saving its state on the time-limit signal (``lingua.trainer.EXIT_REQUEUE``)."""
 MASTER_ADDR = "{master_addr}"
 """Placeholder in multi-node torchrun commands, filled in the job from its node list."""
 

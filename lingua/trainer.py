@@ -59,8 +59,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -89,6 +87,13 @@ from lingua.locks import LockHeldError, RunLock
 from lingua.logger import Progress, close_logger, init_logger
 from lingua.metrics import MetricLogger, memory_stats, mfu, peak_flops, truncate_metrics
 from lingua.optim import build_optimizer, lr_at, set_lr
+from lingua.requeue import (  # noqa: F401  (re-exported)
+    EXIT_REQUEUE,
+    REQUEUE_SIGNAL_ENV,
+    StopSignal,
+    TrainingRequeued,
+    requeue_signal,
+)
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 from lingua.train_args import (  # noqa: F401  (re-exported: the configs are imported from here)
     CONFIG_CHANGES,
@@ -108,53 +113,6 @@ collectives); rank 0's result is logged, keys without a "/" get an ``eval/`` pre
 a ``plan(total_steps)`` method is told the run's final step before training starts."""
 
 _EVAL_HOOKS: dict[str, EvalHook] = {}
-
-
-EXIT_REQUEUE = 75
-"""Exit status of a training stopped by the time-limit signal after saving a checkpoint (EX_TEMPFAIL)."""
-REQUEUE_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
-
-
-class TrainingRequeued(SystemExit):
-    """Raised by :func:`train` once a run stopped by the requeue signal has saved its checkpoint
-    and released its folder; its exit status is :data:`EXIT_REQUEUE`."""
-
-    def __init__(self, step: int, signame: str):
-        super().__init__(EXIT_REQUEUE)
-        self.step, self.signame = step, signame
-
-
-def requeue_signal() -> signal.Signals | None:
-    """The time-limit warning signal: ``$SUBMITIT_PREEMPT_SIGNAL`` (``USR2``, ``SIGUSR2`` or a
-    number; ``none`` or empty: no handler), default ``SIGUSR2`` (what submitit asks slurm for)."""
-    name = os.environ.get(REQUEUE_SIGNAL_ENV, "USR2").strip()
-    if name.lower() in ("", "none", "0"):
-        return None
-    try:
-        return signal.Signals(int(name)) if name.isdigit() else signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    except (KeyError, ValueError):
-        raise ConfigError(f"{REQUEUE_SIGNAL_ENV}={name!r} is not a signal name (e.g. USR2) or number") from None
-
-
-class _StopSignal:
-    """Records the requeue signal while installed (main thread only); the loop polls ``seen``."""
-
-    def __init__(self) -> None:
-        self.sig = requeue_signal()
-        self.seen: str | None = None
-        self._previous: Any = None
-
-    def __enter__(self) -> "_StopSignal":
-        if self.sig is not None and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.seen = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(self.sig, self._previous)
 
 
 def register_eval_hook(name: str, hook: EvalHook, *, replace: bool = False) -> None:
@@ -189,7 +147,7 @@ def masked_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -
 class _Run:
     """State of one ``train`` call; the loop body is split into methods for readability."""
 
-    def __init__(self, cfg: TrainArgs, format_fn: Any, eval_hooks: Sequence[EvalHook], stop: _StopSignal | None = None):
+    def __init__(self, cfg: TrainArgs, format_fn: Any, eval_hooks: Sequence[EvalHook], stop: StopSignal | None = None):
         self.cfg = cfg
         self.stop_signal = stop
         self.format_fn = format_fn
@@ -555,7 +513,7 @@ def train(cfg: TrainArgs, *, format_fn: Any = None, eval_hooks: Sequence[EvalHoo
     """Train (or resume training) as configured; returns a summary dict (run_dir, step,
     losses by step, final_loss, val and eval results, last checkpoint, consolidated folder)."""
     started_pg = not D.dist.is_initialized()
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         try:
             with _lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
                 run = None
