@@ -15,7 +15,7 @@ from apps.bolt.formats import SPECIAL_TOKENS
 from apps.bolt.synthetic import tokenizer as synth_tokenizer
 from apps.bolt.synthetic.arith import Calc, Pattern, Reject
 from apps.bolt.synthetic.corpus import WorldArgs, find_problems, generate_corpus, make_world_args, parse_question, split_of
-from apps.bolt.synthetic.oracle import OracleTeacher, chunk_latent, inline_derivations, oracle_records
+from apps.bolt.synthetic.oracle import OracleTeacher, chunk_latent, oracle_records
 from apps.bolt.synthetic.stats import corpus_stats
 from apps.bolt.synthetic.tasks import (
     DESCRIPTION,
@@ -222,17 +222,19 @@ def test_oracle_on_statements_cut_by_chunk_boundaries():
     assert chunk_latent("", line, "restate")[0] == "Solve 3x + 7 = 31. " + d1
 
 
-def test_oracle_wrap_cot_inlines_derivations_and_refuses_paraphrases():
+def test_oracle_wrap_methods_paraphrase_each_repeat_differently():
     doc = next(generate_corpus(1, seed=4))
-    out, counters = inline_derivations(doc["text"])
-    assert counters["statements"] == len(doc["problems"])
-    for p in doc["problems"]:
-        question, answer = p["line"].split(". ", 1)
-        assert f"{question}. {p['derivation']} {answer}" in out
-    response = OracleTeacher(method="wrap_cot").complete([LatentRequest(doc["id"], -1, "", doc["text"])])[0]
-    assert response.latent == out
-    with pytest.raises(ValueError, match="wrap_baseline"):
-        OracleTeacher(method="wrap_baseline")
+    requests = [LatentRequest(doc["id"], -1, "", doc["text"], repeat=r) for r in range(4)]
+    cot = OracleTeacher(method="wrap_cot", seed=3).complete(requests)
+    plain = OracleTeacher(method="wrap_baseline", seed=3).complete(requests)
+    for p in doc["problems"]:  # every derivation inline in the CoT paraphrases, none in the plain ones
+        assert all(p["derivation"] in r.latent for r in cot)
+        assert not any(p["derivation"] in r.latent for r in plain)
+    assert len({r.latent for r in cot}) > 1 and all(r.usage["statements"] == len(doc["problems"]) for r in cot)
+    again = OracleTeacher(method="wrap_cot", seed=3).complete(requests)
+    assert [r.latent for r in again] == [r.latent for r in cot]  # (seed, doc, repeat) fixes a paraphrase
+    with pytest.raises(ValueError, match="styles"):
+        OracleTeacher(method="wrap_baseline", styles=["limerick"])
     with pytest.raises(ValueError, match="latent_style"):
         OracleTeacher(latent_style="poetry")
 

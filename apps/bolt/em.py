@@ -227,9 +227,10 @@ class EMDriver:
             "seed": seed, "data.seed": seed, "model.seed": seed, "checkpoint.init_ckpt_path": init,
         })
 
-    def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "") -> Path:
-        """Train one model; returns its consolidated folder."""
-        tcfg = self.train_config(name, source, layout, tokens, seed, init)
+    def train_run(self, name: str, source: str, layout: str, tokens: int, seed: int, init: str = "",
+                  extra: tuple[str, ...] = ()) -> Path:
+        """Train one model; returns its consolidated folder. ``extra``: more train overrides."""
+        tcfg = self.train_config(name, source, layout, tokens, seed, init, extra=extra)
         run_dir = Path(tcfg.dump_dir)
         final = run_dir / "final_consolidated.json"
         inputs = {"data": _stamp(self.data / source), "init": _stamp(Path(init)) if init else None}

@@ -21,16 +21,17 @@ FINETUNE = "finetune_accuracy"  # the finetuning evaluation's accuracy (EMArgs.f
 
 
 
-def raw_fraction(tokenizer_args: Any, latents_dir: Path, max_docs: int | None = None) -> dict[str, float]:
-    """Share of raw-text tokens in the packed latent training stream (``random`` layout, BOS/EOS
+def raw_fraction(tokenizer_args: Any, latents_dir: Path, max_docs: int | None = None, layout_name: str = "random") -> dict[str, float]:
+    """Share of raw-text tokens in the packed latent training stream (``layout_name``, BOS/EOS
     counted as in packing), measured on the latent dataset (all of it unless ``max_docs``) with a
     fixed seed; also the totals (``raw_tokens``, ``packed_tokens``: one epoch). The paper's
-    latent/raw token ratio is about 3.3 (a raw share of about 0.3)."""
+    latent/raw token ratio is about 3.3 (a raw share of about 0.3). A document with several
+    records (WRAP repeats) counts its raw text once per record, so the ratio is per pass."""
     from apps.bolt.formats import make_layout, raw_text
     from lingua.tokenizer import build_tokenizer
 
     tok = build_tokenizer(tokenizer_args)
-    layout = make_layout("random")
+    layout = make_layout(layout_name)
     rng = np.random.default_rng(0)
     raw = packed = 0
     files = sorted(latents_dir.glob("*.jsonl"))

@@ -178,3 +178,8 @@ def _synthetic(text: str, variant: str) -> str:
 
     got = extract_answer(text, variant)
     return answers.INVALID if got is None else got
+
+
+def inline_synthetic_answer_filter(resps, docs) -> list[list[str]]:
+    """The chain-of-thought prompt's rule: the last number of the first line (after the derivation)."""
+    return _apply(lambda t: _synthetic(t, "inline"), resps)

@@ -23,22 +23,27 @@ Statements cut by a chunk boundary
     A suffix whose stated answer disagrees with the recomputed one still gets the true
     derivation; ``usage["mismatched_answers"]`` counts those.
 
-Methods: ``latent_thoughts`` (the above) and ``wrap_cot`` (one whole document in, the document
-with every derivation written between its question and answer out; the WRAP-CoT baseline).
-``wrap_baseline`` (style paraphrases) has no oracle and is refused.
+Methods: ``latent_thoughts`` (the above), and the whole-document WRAP baselines through the
+oracle paraphraser (:mod:`.paraphrase`): ``wrap_baseline`` (the statements re-rendered in one of
+four styles and a new order) and ``wrap_cot`` (the same, with every derivation written between
+its question and its answer). The style and order of a paraphrase come from ``(seed, document
+id, repeat)``, so the repeats of a document differ.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+
 from apps.bolt.chunking import ChunkArgs, chunk_text
 from apps.bolt.synthetic.corpus import find_problems
+from apps.bolt.synthetic.paraphrase import STYLES, doc_rng, paraphrase
 from apps.bolt.synthetic.worlds import LATENT_STYLES
 from apps.bolt.teachers.base import LatentRequest, LatentResponse, register_teacher
 
 DEFAULT_LATENT_STYLE = "steps"
-METHODS = ("latent_thoughts", "wrap_cot")
+METHODS = ("latent_thoughts", "wrap_baseline", "wrap_cot")
 
 
 def synthetic_chunk_args() -> ChunkArgs:
@@ -69,42 +74,37 @@ def chunk_latent(prefix: str, suffix: str, style: str = DEFAULT_LATENT_STYLE) ->
     return " ".join(f.problem.latent(style) for f in mine), counters
 
 
-def inline_derivations(text: str) -> tuple[str, dict]:
-    """``text`` with each statement's derivation inserted between its question and answer."""
-    found, fragments = find_problems(text)
-    out, pos = [], 0
-    for f in found:
-        cut = f.line_start + len(f.problem.question)
-        out += [text[pos:cut], " ", f.problem.derivation]
-        pos = cut
-    out.append(text[pos:])
-    counters = {"statements": len(found), "partial_statements": len(fragments), "mismatched_answers": sum(not f.stated_ok for f in found)}
-    return "".join(out), counters
-
-
 class OracleTeacher:
     """Teacher backend ``oracle``: true derivations for the synthetic world.
 
     ``latent_style``: ``steps`` (derivation only) or ``restate`` (question, then derivation);
-    see :data:`apps.bolt.synthetic.worlds.LATENT_STYLES`. ``src`` and ``seed`` are accepted
-    because ``gen_latents`` passes them to every backend; the oracle is deterministic and needs
-    neither.
+    see :data:`apps.bolt.synthetic.worlds.LATENT_STYLES`. ``styles``: the paraphrase styles the
+    WRAP methods draw from (:data:`apps.bolt.synthetic.paraphrase.STYLES`). ``seed`` seeds the
+    paraphrases (``gen_latents`` passes its own); ``src`` is accepted because ``gen_latents``
+    passes it to every backend.
     """
 
-    def __init__(self, method: str = "latent_thoughts", latent_style: str = DEFAULT_LATENT_STYLE, src: str | None = None, seed: int | None = None):
+    def __init__(self, method: str = "latent_thoughts", latent_style: str = DEFAULT_LATENT_STYLE, src: str | None = None,
+                 seed: int | None = None, styles: Sequence[str] = STYLES):
         if method not in METHODS:
             raise ValueError(f"the oracle teacher supports methods {METHODS}, not {method!r}")
         if latent_style not in LATENT_STYLES:
             raise ValueError(f"latent_style must be one of {LATENT_STYLES}, got {latent_style!r}")
+        unknown = [s for s in styles if s not in STYLES]
+        if unknown or not styles:
+            raise ValueError(f"styles must be a non-empty subset of {STYLES}, got {list(styles)}")
         self.method = method
         self.latent_style = latent_style
+        self.seed = 0 if seed is None else int(seed)
+        self.styles = tuple(styles)
 
     def complete(self, requests: Sequence[LatentRequest]) -> list[LatentResponse]:
         return [self._one(r) for r in requests]
 
     def _one(self, request: LatentRequest) -> LatentResponse:
-        if self.method == "wrap_cot":
-            latent, counters = inline_derivations(request.prefix + request.suffix)
+        if self.method in ("wrap_baseline", "wrap_cot"):
+            rng: np.random.Generator = doc_rng(self.seed, request.doc_id, request.repeat)
+            latent, counters = paraphrase(request.prefix + request.suffix, rng, cot=self.method == "wrap_cot", styles=self.styles)
         else:
             latent, counters = chunk_latent(request.prefix, request.suffix, self.latent_style)
         return LatentResponse(latent=latent, finish_reason="stop", usage={"input_tokens": 0, "output_tokens": 0, **counters})

@@ -15,10 +15,14 @@ exemplars one per line, then the question. Two variants, as in the reference's G
   <|END_OF_LATENT|> + " " + answer sentence``; the query ends with the two opening tokens and
   the model writes its own thought, closes it, then answers. The exemplar thoughts are the
   oracle's (same ``latent_style`` as the training latents).
+* ``inline`` (the synthetic analog of a few-shot chain-of-thought prompt, for models trained on
+  text with the reasoning written out, such as the WRAP-CoT baseline): exemplar = ``question +
+  " " + derivation + " " + answer sentence``, no markers; the query is the raw one.
 
 Grading (:func:`grade`): for the latent variant, only the text after the first
 ``<|END_OF_LATENT|>`` counts (a thought that is never closed gives no answer); then the first
-line; then its first number (``-?\\d+(\\.\\d+)?``), normalised (leading zeros and integral
+line; then its first number (for ``inline``: its last number, the answer sentence's, since the
+derivation before it is full of numbers) (``-?\\d+(\\.\\d+)?``), normalised (leading zeros and integral
 decimals dropped, "08" and "8.0" read as 8) and compared with the gold integer as text.
 
 Files (:func:`write_eval_files`), one JSON object per line, for an lm-eval YAML task::
@@ -26,7 +30,7 @@ Files (:func:`write_eval_files`), one JSON object per line, for an lm-eval YAML 
     <out>/fewshot.jsonl, <out>/dev.jsonl, <out>/test.jsonl
         id, split, world, template, steps (int), question, answer (gold, str),
         answer_sentence, latent (oracle thought), query_raw, target_raw, query_latent,
-        target_latent
+        target_latent, target_inline
     <out>/meta.json   description (the title block), fewshot_delimiter "\\n",
                       target_delimiter "", num_fewshot, until_raw, until_latent, max_gen_toks,
                       latent_style, seed, counts, knobs, the extraction rule
@@ -50,7 +54,7 @@ from apps.bolt.synthetic.oracle import DEFAULT_LATENT_STYLE
 from apps.bolt.synthetic.worlds import Problem
 from lingua.io import atomic_write_json, mark_done, write_jsonl
 
-VARIANTS = ("raw", "latent")
+VARIANTS = ("raw", "latent", "inline")
 EVAL_TITLE = "Practice set 1"
 DESCRIPTION = EVAL_TITLE + "\n\n"
 FORMAT = EvalFormat(question_template="{question}", target_delimiter=" ", answer_delimiter=" ", fewshot_delimiter="\n", stop=("\n",))
@@ -75,7 +79,7 @@ class EvalProblem:
 
     def target(self, variant: str, latent_style: str = DEFAULT_LATENT_STYLE) -> str:
         latent = _is_latent(variant)
-        return FORMAT.target(self.problem.answer_sentence, self.problem.latent(latent_style) if latent else "", latent)
+        return FORMAT.target(self.problem.answer_sentence, _thought(self.problem, variant, latent_style), latent)
 
     def record(self, latent_style: str = DEFAULT_LATENT_STYLE) -> dict:
         p = self.problem
@@ -93,7 +97,16 @@ class EvalProblem:
             "target_raw": self.target("raw"),
             "query_latent": self.query("latent"),
             "target_latent": self.target("latent", latent_style),
+            "target_inline": self.target("inline"),
         }
+
+
+def _thought(problem: Problem, variant: str, latent_style: str) -> str:
+    """An exemplar's reasoning: the oracle thought (latent), the derivation in plain text
+    (inline), none (raw)."""
+    if _is_latent(variant):
+        return problem.latent(latent_style)
+    return problem.derivation if variant == "inline" else ""
 
 
 def _is_latent(variant: str) -> bool:
@@ -139,9 +152,8 @@ def generate_eval_problems(n: int, seed: int = 0, split: str = "test", *, args: 
 
 def build_prompt(item: EvalProblem, shots: Sequence[EvalProblem], variant: str, latent_style: str = DEFAULT_LATENT_STYLE) -> str:
     """The few-shot prompt for ``item`` (identical to what lm-eval builds from the files)."""
-    latent = _is_latent(variant)
-    exemplars = [(s.problem.question, s.problem.latent(latent_style) if latent else "", s.problem.answer_sentence) for s in shots]
-    return DESCRIPTION + FORMAT.prompt(item.problem.question, exemplars, latent)
+    exemplars = [(s.problem.question, _thought(s.problem, variant, latent_style), s.problem.answer_sentence) for s in shots]
+    return DESCRIPTION + FORMAT.prompt(item.problem.question, exemplars, _is_latent(variant))
 
 
 def stop_strings(variant: str) -> list[str]:
@@ -162,8 +174,10 @@ def extract_answer(text: str, variant: str = "raw") -> str | None:
         thought, text = split_latent_generation(text)
         if thought is None:
             return None
-    m = _NUMBER.search(text.split("\n", 1)[0])
-    return _normalize(m.group()) if m else None
+    numbers = _NUMBER.findall(text.split("\n", 1)[0])
+    if not numbers:
+        return None
+    return _normalize(numbers[-1] if variant == "inline" else numbers[0])
 
 
 def grade(answer_text: str, gold: str | int, variant: str = "raw") -> bool:
