@@ -27,6 +27,10 @@ def _schema(name: str):
         from apps.bolt.em import EMArgs
 
         return EMArgs, []
+    if name.startswith("compare_"):
+        from apps.bolt.compare import CompareArgs
+
+        return CompareArgs, []
     if name.startswith("eval_"):
         from apps.bolt.eval import EvalArgs
 
@@ -66,6 +70,20 @@ def test_em_configs_point_at_loadable_stage_configs():
             stage = getattr(cfg, section).config
             assert (CONFIGS.parents[2] / stage).is_file(), f"{path.name}: {section}.config={stage} is missing"
             test_shipped_config_loads(CONFIGS.parents[2] / stage)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("compare_*.yaml")), ids=lambda p: p.name)
+def test_compare_configs_build_every_stage(path: Path):
+    """Each comparison config's stage configs (teachers, prepare, train with its in-training
+    evaluation) resolve, and every condition gets the same training budget."""
+    from apps.bolt.compare import CompareArgs, CompareDriver
+
+    cfg = load_config(CompareArgs, path)
+    cfg.validate()
+    driver = CompareDriver(cfg)
+    driver.check()
+    budgets = {c: driver.train_config(c, 0, Path("unused")).num_tokens for c in cfg.conditions}
+    assert set(budgets.values()) == {cfg.train_tokens}, budgets
 
 
 @pytest.mark.parametrize("name", ["em_synthetic.yaml", "em_science.yaml"])

@@ -145,8 +145,7 @@ class EMDriver:
         self.teacher_config()
         self.tokenizer_args()
         if c.base.tokens:
-            self.train_config("base", dict(c.base.sources), "raw", c.base.tokens, c.base.seed, c.base_ckpt,
-                              run_dir=Path("unused"), extra=c.base.overrides)
+            self.base_train_config(Path("unused"))
         self.train_config("check", "warmstart_latents", "random", c.warmstart_tokens, 0, c.base_ckpt)
         self.train_config("check", self.bootstrap_name, "raw", c.mstep_tokens, 0, c.base_ckpt)
         for k in [None, *c.k_ablation]:
@@ -187,8 +186,7 @@ class EMDriver:
         b, init = self.cfg.base, self.cfg.base_ckpt
         if not b.tokens:
             return init
-        tcfg = self.train_config("base", dict(b.sources), "raw", b.tokens, b.seed, init, run_dir=Path("unused"),
-                                 extra=b.overrides)
+        tcfg = self.base_train_config(Path("unused"))
         r = base_model.recipe(tcfg, {s: _stamp(self.data / s) for s in sorted(b.sources)}, _stamp(Path(init)) if init else None)
         missing = [s for s, stamp in r["data"].items() if stamp is None]
         if missing:
@@ -196,7 +194,7 @@ class EMDriver:
         folder = base_model.base_folder(b.cache_dir, r)
 
         def train(run_dir: Path) -> tuple[Path, dict]:
-            cfg = self.train_config("base", dict(b.sources), "raw", b.tokens, b.seed, init, run_dir=run_dir, extra=b.overrides)
+            cfg = self.base_train_config(run_dir)
             self.stages.train("base", cfg, "train")
             return final_consolidated(run_dir)
 
@@ -205,6 +203,15 @@ class EMDriver:
                     lambda: out.append(base_model.get_base(folder, r, train)))
         atomic_write_json(self.root / "base.json", {"folder": str(folder), "recipe_hash": base_model.recipe_hash(r)})
         return str(out[0] if out else base_model.cached_base(folder, r))
+
+    def base_train_config(self, run_dir: Path):
+        """The base model's training run: the train template with ``base.overrides``, without the
+        template's evaluation in training (meant for the experiment's own runs; not part of the
+        base's recipe, so the cached base does not depend on it)."""
+        b = self.cfg.base
+        cfg = self.train_config("base", dict(b.sources), "raw", b.tokens, b.seed, self.cfg.base_ckpt, run_dir=run_dir,
+                                extra=b.overrides)
+        return dc_replace(cfg, eval=type(cfg.eval)())
 
     def teacher_config(self, src: str = "warmstart", out: str = "warmstart_latents"):
         """The teacher's config, writing thoughts for the dataset ``src`` into ``out`` (of ``DUMP/data``)."""
