@@ -10,6 +10,15 @@ seconds, chunks/s and the ratio to the first entry, and checks that every settin
 latents (the E-step does not depend on how it is sharded). Each run uses a fresh output folder
 and cache, so nothing is reused between settings. ``ckpt``: a trained consolidated model (a
 random one writes every latent to ``max_latent_tokens`` and is far slower than a trained one).
+
+Backends at a model shape, random weights (no checkpoint needed; :mod:`benchmarks.estep_backends`):
+
+    python -m benchmarks.estep_throughput preset=tinyllama backends=[engine,vllm] device=cuda dtype=bfloat16
+    python -m benchmarks.estep_throughput preset=demo backends=[engine,vllm] device=cuda
+    python -m benchmarks.estep_throughput preset=tiny backends=[engine] device=cpu chunks=4   # smoke test
+
+runs the posterior sampler in-process over the same chunks with each backend and prints chunks/s,
+generated tokens/s and the ratio engine/vllm.
 """
 
 from __future__ import annotations
@@ -38,8 +47,26 @@ class EStepBenchArgs:
     estep_config: str = "apps/bolt/configs/estep_synthetic.yaml"
     overrides: list[str] = field(default_factory=list)
     """Extra E-step overrides, e.g. ``[posterior.num_samples=8]``."""
+    preset: str = ""
+    """tinyllama | demo | tiny: compare backends at that shape with random weights, in-process
+    (the fields below); empty: the sharded subprocess benchmark of ``ckpt``."""
+    backends: list[str] = field(default_factory=lambda: ["engine", "vllm"])
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    chunks: int = 256
+    num_samples: int = 4
+    max_latent_tokens: int = 128
+    batch_chunks: int = 256
+    max_batch_tokens: int = 262144
+    gpu_memory_utilization: float = 0.6
 
     def validate(self) -> None:
+        if self.preset:
+            from benchmarks.estep_backends import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+            return
         if not self.ckpt:
             raise ValueError("ckpt=... (a trained consolidated model) is required")
         if self.docs < 1 or not self.procs or min(self.procs) < 1 or self.repeats < 1:
@@ -104,7 +131,13 @@ def run(cfg: EStepBenchArgs) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(EStepBenchArgs, argv))
+    cfg = parse_args(EStepBenchArgs, argv)
+    if cfg.preset:
+        from benchmarks.estep_backends import compare_backends
+
+        compare_backends(cfg)
+    else:
+        run(cfg)
 
 
 if __name__ == "__main__":

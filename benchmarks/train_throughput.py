@@ -18,11 +18,23 @@ processes on the machine hits every variant alike; the best round's median is re
 ``--clock process`` (the default) times CPU seconds of this process, the steady measure on a
 shared machine: use it with ``--threads 1`` (with more threads it sums their CPU time);
 ``--clock wall`` times elapsed seconds.
+
+``--preset tinyllama`` (TinyLlama-1.1B shape: dim 2048, 22 layers, 32 heads, 4 kv heads, FFN 5632,
+vocab 32000, seq 2048) measures our trainer's step alone (no HF model: two 1.1B models and their
+optimizers would not leave room for the batch), the way a 1.1B M-step runs: FSDP2 on a
+one-process group (bf16 params, fp32 gradient reduction), each block compiled unless
+``--no-compile``, wall clock, on CUDA when available; it prints tokens/s and MFU (model FLOPs of
+:func:`lingua.transformer.flops_per_token` over the device's dense bf16 peak). ``--preset tiny``
+runs the same path at a smoke-test size on CPU (gloo group, fp32, no MFU: a CPU has no known peak).
+
+    .venv/bin/python -m benchmarks.train_throughput --preset tinyllama --batch 8 --steps 10
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import time
 from typing import Callable
@@ -34,7 +46,12 @@ from lingua.distributed import DistEnv, DistributedArgs, clip_grad_norm_, parall
 from lingua.hf import lingua_to_hf_state_dict, to_llama_config
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.trainer import masked_loss_sum
-from lingua.transformer import TransformerArgs, build_model
+from lingua.transformer import TransformerArgs, build_model, flops_per_token
+
+PRESETS = {
+    "tinyllama": dict(dim=2048, layers=22, heads=32, kv_heads=4, hidden=5632, vocab=32000, seq=2048),
+    "tiny": dict(dim=32, layers=1, heads=2, kv_heads=1, hidden=64, vocab=128, seq=32),
+}
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -125,6 +142,68 @@ def kernel_share(step: Callable, n: int = 3) -> tuple[float, float]:
     return total / n / 1e6, gemm / max(total, 1)
 
 
+def fsdp_one_process(model: torch.nn.Module, device: torch.device, compiled: bool) -> torch.nn.Module:
+    """FSDP2 on a one-process group, as ``lingua.distributed.parallelize`` shards a multi-GPU run
+    (it leaves a single process unsharded): each block then the root, bf16 params with fp32
+    gradient reduction on CUDA; blocks compiled first."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (1,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.layers:  # type: ignore[attr-defined]
+        if compiled:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def ours_only(a: argparse.Namespace) -> dict[str, float]:
+    """Tokens/s and MFU of our FSDP2 training step at the preset's shape (module docstring)."""
+    import torch.distributed as dist
+
+    from lingua.metrics import peak_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu")
+    args = TransformerArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, hidden_dim=a.hidden,
+                           vocab_size=a.vocab, max_seqlen=a.seq)
+    torch.manual_seed(0)
+    model = fsdp_one_process(build_model(args, device=device), device, compiled=not a.no_compile)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=gen).to(device)
+    batch = {"input": tokens[:, :-1], "target": tokens[:, 1:],
+             "loss_mask": torch.ones(a.batch, a.seq, dtype=torch.bool, device=device)}
+    step = make_step(model, lambda m, b: masked_loss_sum(m, b, device), batch)  # the loss read syncs the device
+    print(f"warm-up (2 steps, incl. compilation): {warm(step):6.1f}s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, a.steps, time.perf_counter)
+    tps = a.batch * a.seq / seconds
+    peak = peak_flops(device)
+    mfu = flops_per_token(args, a.seq) * tps / peak if peak else None
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"model: {params:.1f}M params, dim={a.dim} layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.hidden} "
+          f"vocab={a.vocab}; batch {a.batch}x{a.seq}; FSDP2 (1 process), compile={not a.no_compile}, "
+          f"{'bf16 params / fp32 reduce' if device.type == 'cuda' else 'fp32'}; {name}; torch {torch.__version__}")
+    print(f"ours_fsdp {seconds * 1e3:8.1f} ms/step (median of {a.steps})  {tps:9.0f} tok/s  "
+          f"MFU {'n/a (no known peak)' if mfu is None else f'{mfu:.1%}'}  peak memory {mem:.1f} GiB")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"tokens_per_s": tps, "mfu": mfu or 0.0, "ms_per_step": seconds * 1e3}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=256)
@@ -141,7 +220,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--clock", choices=("process", "wall"), default="process")
     p.add_argument("--profile", action="store_true", help="also print each eager step's time share in GEMM/SDPA kernels")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="our FSDP2 step alone at this shape (see the docstring)")
+    p.add_argument("--device", choices=("auto", "cpu"), default="auto", help="--preset only: auto = CUDA when available")
     a = p.parse_args(argv)
+    if a.preset:
+        given = set(argv if argv is not None else __import__("sys").argv[1:])
+        for key, value in PRESETS[a.preset].items():  # the preset's shape, unless given on the command line
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(a, key, value)
+        torch.set_num_threads(a.threads)
+        return ours_only(a)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tokens = a.batch * a.seq

@@ -3,8 +3,13 @@
 #   1. the GPU-marked tests;
 #   2. generation and scoring vs HF transformers on CUDA (~100M params, fp32 and bf16);
 #   3. bf16 training throughput of a ~150M-parameter model (eager and torch.compile), with MFU;
-#   4. an E-step on CUDA (fp32 and bf16) when a checkpoint and raw data are given.
+#   4. an E-step on CUDA (fp32 and bf16) when a checkpoint and raw data are given;
+#   5. the 1.1B (TinyLlama) shape, random weights (~3 minutes): E-step chunks/s and generated
+#      tokens/s of backend=engine vs backend=vllm on the same chunks (and at the demo size), and
+#      the bf16 training step with FSDP2 + torch.compile (tokens/s, MFU). vLLM comes from the
+#      'vllm' extra (pip install -e .[vllm]); without it the vllm rows print the install error.
 # Everything measured is printed. Work goes to $WORK (default runs/gpu_check).
+# GPU_CHECK_SECTIONS=scale runs only section 5 (=base: only 1-4; default: all).
 #
 #   bash bin/gpu_check.sh                        # uses .venv (runs setup/install.sh)
 #   BOLT_PYTHON=python3 bash bin/gpu_check.sh    # an existing environment, no install (offline boxes)
@@ -24,7 +29,9 @@ export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device (torch ' + torch.__version__ + ')')"
 $PY -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| cuda', torch.version.cuda)"
 section() { echo; echo "== $1 ($(date +%T))"; }
+SECTIONS=${GPU_CHECK_SECTIONS:-all}
 
+if [ "$SECTIONS" != scale ]; then
 section "GPU-marked tests"
 { $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests 2>&1 || echo "pytest exit $? (collection errors of modules needing packages this environment lacks are expected)"; } | tail -n 4
 
@@ -66,5 +73,23 @@ secs = s["sample_seconds"] + s["score_seconds"]
 print(f"chunks/s {s['chunks'] / secs:.1f} | samples/s {s['samples_drawn'] / secs:.1f} | ESS mean {d['ess']['mean']:.2f} | ELBO-1/2/4 per token " + " / ".join(f"{v['mean']:.3f}" for v in d['elbo_per_token'].values()))
 PY
   done
+fi
+fi
+
+if [ "$SECTIONS" != base ]; then
+section "vLLM backend tests (tests/test_vllm_backend.py; GPU ones skip without vllm)"
+{ timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py 2>&1 || echo "pytest exit $?"; } | tail -n 6
+
+section "E-step backends, demo size (random weights, 256 chunks, K=4, up to 64 latent tokens)"
+timeout 240 $PY -m benchmarks.estep_throughput preset=demo 'backends=[engine,vllm]' device=cuda dtype=bfloat16 \
+    chunks=256 max_latent_tokens=64 batch_chunks=256 2>&1 | grep -E "^\||^E-step|^ratio|Error" || echo "(exit $?)"
+
+section "E-step backends, TinyLlama-1.1B shape (random weights, ${SCALE_CHUNKS:-64} chunks, K=4, up to 128 latent tokens)"
+timeout 420 $PY -m benchmarks.estep_throughput preset=tinyllama 'backends=[engine,vllm]' device=cuda dtype=bfloat16 \
+    chunks=${SCALE_CHUNKS:-64} max_latent_tokens=128 batch_chunks=256 2>&1 | grep -E "^\||^E-step|^ratio|Error" || echo "(exit $?)"
+
+section "bf16 training, TinyLlama-1.1B shape (seq 2048, batch ${SCALE_BATCH:-8}, FSDP2 on 1 GPU, torch.compile)"
+timeout 300 $PY -m benchmarks.train_throughput --preset tinyllama --batch ${SCALE_BATCH:-8} --steps 6 2>&1 \
+  | grep -E "warm-up|model:|ours_fsdp|Error" || echo "(exit $?)"
 fi
 section "gpu_check: done"

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 from lingua.args import ConfigError
@@ -55,6 +56,11 @@ class EvalArgs:
     """Steps evaluated whatever ``every`` says (the hooks, and the core validation when
     ``val.source`` is set); a checkpoint is saved at each of them too. The final step is always
     evaluated."""
+    must_eval_tokens: list[int] = field(default_factory=list)
+    """Training tokens at which to evaluate as well (curves over tokens that do not depend on the
+    batch or the number of GPUs): each is the step whose tokens reach it, ``tokens // (global
+    batch x seq_len)`` (at least 1), resolved when the run knows its global batch; from then on a
+    must-evaluate step like the others."""
     keep_checkpoints: bool = True
     """Cleanup never removes the checkpoints of ``must_eval_steps`` (false: it may once their
     evaluation is recorded, like any other checkpoint)."""
@@ -69,12 +75,20 @@ class EvalArgs:
         bad = [s for s in self.must_eval_steps if s < 1]
         if bad:
             raise ValueError(f"must_eval_steps must be steps >= 1, got {bad}")
+        if any(t < 1 for t in self.must_eval_tokens):
+            raise ValueError(f"must_eval_tokens must be token counts >= 1, got {self.must_eval_tokens}")
         if self.mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {self.mode!r}")
 
-    def is_eval_step(self, step: int, total_steps: int) -> bool:
-        """Every ``every`` steps, the must-evaluate steps and the final step."""
-        return step == total_steps or step in self.must_eval_steps or bool(self.every and step % self.every == 0)
+    def is_eval_step(self, step: int, total_steps: int, must: Collection[int] | None = None) -> bool:
+        """Every ``every`` steps, the must-evaluate steps (``must``: the run's resolved ones, with
+        ``must_eval_tokens``; default ``must_eval_steps``) and the final step."""
+        must = self.must_eval_steps if must is None else must
+        return step == total_steps or step in must or bool(self.every and step % self.every == 0)
+
+    def token_steps(self, tokens_per_step: int) -> set[int]:
+        """The steps of ``must_eval_tokens`` for a run of ``tokens_per_step`` tokens per step."""
+        return {max(1, t // tokens_per_step) for t in self.must_eval_tokens}
 
 
 @dataclass

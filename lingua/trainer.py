@@ -179,6 +179,10 @@ class _Run:
         saved = _read_train_state(resume_dir) if resume_dir else None
         self.data_shards = _resolve_shards(cfg.distributed.data_shards, env.world_size, saved)
         self.total = cfg.total_steps(self.data_shards)
+        token_steps = cfg.eval.token_steps(cfg.global_batch(self.data_shards) * cfg.data.seq_len)
+        self.must_eval |= token_steps
+        if cfg.eval.keep_checkpoints:
+            self.ckpt.keep_steps |= token_steps
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         if env.is_main:
             _save_tokenizer_copy(self.tokenizer, self.dir / "tokenizer")
@@ -382,7 +386,7 @@ class _Run:
             requeue = self.requeue_requested()
             stop, final = self.step == end or requeue, self.step == self.total
             must = self.step in self.must_eval
-            eval_due = bool(self.hooks) and cfg.eval.is_eval_step(self.step, self.total)
+            eval_due = bool(self.hooks) and cfg.eval.is_eval_step(self.step, self.total, self.must_eval)
             val_due = bool(cfg.val.source) and (bool(cfg.val.every and self.step % cfg.val.every == 0) or final or must)
             log_due = self.step % cfg.log_freq == 0 or stop
             save_due = bool(cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or stop or must or (eval_due and launch)

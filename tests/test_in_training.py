@@ -93,6 +93,17 @@ def test_must_eval_steps_are_evaluated_and_their_checkpoints_kept(data, tmp_path
     assert steps_of(other) == [8]
 
 
+def test_must_eval_tokens_become_steps_of_the_run(data, tmp_path):
+    """Evaluation points given in tokens land on the step whose tokens reach them (2.5 and 5.9
+    steps' worth -> steps 2 and 5), whatever the batch; their checkpoints are kept."""
+    run_dir = tmp_path / "run"
+    run(bolt_cfg(data, run_dir, "steps=8", f"eval.must_eval_tokens=[{int(2.5 * STEP_TOKENS)},{int(5.9 * STEP_TOKENS)}]",
+                 "checkpoint.every=0", "checkpoint.keep=1"))
+    rows = read_metrics(run_dir)
+    assert sorted(r["step"] for r in rows if "val/heldout/nll_per_token" in r) == [2, 5, 8]
+    assert steps_of(run_dir) == [2, 5, 8]
+
+
 def test_final_elbo_is_logged_with_elbo_every(data, tmp_path):
     """The ELBO runs every elbo_every=4 steps, at the must-evaluate step 3 and at the final step 5
     (which build_hooks never told the hook before); the NLL at every evaluation (2, 3, 4, 5)."""

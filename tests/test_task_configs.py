@@ -52,7 +52,8 @@ def test_every_yaml_is_indexed(lib):
     yamls = sorted(p for p in TASKS_DIR.rglob("*.yaml") if not p.name.startswith("_"))
     templates = sorted(p.name for p in TASKS_DIR.rglob("_*.yaml"))
     assert templates == ["_latent_template.yaml", "_latent_template.yaml", "_template.yaml", "_template.yaml"]
-    assert len(yamls) == len(lib.names) == 2 * (1 + 8 + 20 + 1)  # gsm8k, math 7+group, mmlu 19+group, synthetic
+    # gsm8k, math 7+group, mmlu 19+group, synthetic, each raw and latent; the synthetic chain-of-thought prompt (raw only)
+    assert len(yamls) == len(lib.names) == 2 * (1 + 8 + 20 + 1) + 1
     assert {"bolt_gsm8k_cot", "bolt_hendrycks_math_cot", "bolt_mmlu_stem_cot", "bolt_synthetic_cot"} <= set(lib.names)
     assert all(n.startswith(TASK_PREFIX) for n in lib.names)  # never shadows an lm-eval task
 
@@ -78,8 +79,12 @@ def test_groups_weight_by_size(lib):
             assert agg[0]["metric"] == "exact_match" and agg[0]["weight_by_size"] is True
 
 
+RAW_ONLY = {"bolt_synthetic_inline_cot"}
+"""Prompts for models trained on text with the reasoning written out: no latent twin."""
+
+
 def test_raw_and_latent_variants_pair_up(lib):
-    names = set(_leaf_names(lib))
+    names = set(_leaf_names(lib)) - RAW_ONLY
     for name in names:
         twin = apply_variant([name], "raw" if is_latent(name) else "latent")[0]
         assert twin in names, f"{name} has no {twin}"
@@ -185,8 +190,8 @@ def test_local_files_are_absolute_and_checked(lib, tmp_path):
 
 
 def test_unknown_task_is_a_clear_error(lib):
-    with pytest.raises(TaskConfigError, match="unknown task 'gsm8k'.*similar: bolt_gsm8k_cot"):
-        lib.build(["gsm8k"])
+    with pytest.raises(TaskConfigError, match="unknown task 'gsm8k_cott'.*similar: bolt_gsm8k_cot"):
+        lib.build(["gsm8k_cott"])
 
 
 def test_unprefixed_names_still_resolve(lib):

@@ -21,7 +21,7 @@ the same folder layout): ``prepare`` (the constrained set, the fresh documents, 
 tasks), the tokenizer, the ``base`` model, one ``teacher:<condition>`` per synthetic condition
 (``gen_latents`` with the condition's teacher config), ``scan`` (tokens and leakage of every
 condition's data: :mod:`apps.bolt.compare_data`), then one training run per condition and trial
-with its evaluations in training (``eval.must_eval_steps`` from ``eval_tokens``), and the report
+with its evaluations in training (at ``eval_tokens``, ``eval.must_eval_tokens``), and the report
 (:mod:`apps.bolt.compare_report`): ``results.json``, ``results.md``, ``conditions.csv`` and
 ``compare.png`` (accuracy against training tokens and against effective raw tokens).
 
@@ -161,15 +161,10 @@ class CompareDriver:
         return self.em.train_config(f"{condition}_t{trial}", self.source(condition), layout, self.cfg.train_tokens,
                                     trial, self.em.base_init, run_dir, extra=self.eval_overrides(condition))
 
-    def tokens_per_step(self) -> int:
-        tcfg = self.em.loaded("train")
-        return tcfg.data.batch_size * tcfg.data.seq_len * tcfg.grad_acc_steps
-
     def eval_overrides(self, condition: str) -> tuple[str, ...]:
-        """The in-training evaluation of a condition's runs: its tasks, the data root, the steps."""
-        per_step = self.tokens_per_step()
-        steps = sorted({max(1, round(t / per_step)) for t in self.cfg.eval_tokens})
-        out = [f"eval.data_root={self.data}", f"eval.must_eval_steps=[{','.join(map(str, steps))}]"]
+        """The in-training evaluation of a condition's runs: its tasks, the data root, and the
+        checkpoints (``eval.must_eval_tokens``: the trainer turns them into steps of its batch)."""
+        out = [f"eval.data_root={self.data}", f"eval.must_eval_tokens=[{','.join(map(str, self.cfg.eval_tokens))}]"]
         if condition in self.cfg.eval_tasks:
             out.append(f"eval.tasks={self.cfg.eval_tasks[condition]}")
         return tuple(out)
@@ -216,8 +211,7 @@ class CompareDriver:
         layout = CONDITIONS[condition][0]
         self.em.train_run(name, self.source(condition), layout, self.cfg.train_tokens, trial, self.em.base_init,
                           extra=self.eval_overrides(condition))
-        return {"condition": condition, "trial": trial, "run": name, "run_dir": str(self.em.runs / name),
-                "tokens_per_step": self.tokens_per_step()}
+        return {"condition": condition, "trial": trial, "run": name, "run_dir": str(self.em.runs / name)}
 
 
 def run(cfg: CompareArgs, jobs: Any = None) -> dict:

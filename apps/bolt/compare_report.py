@@ -30,17 +30,22 @@ from lingua.io import atomic_open, atomic_write_json, read_jsonl
 CSV_COLUMNS = ("condition", "train_tokens", "raw_tokens", "effective_raw_tokens", "accuracy", "accuracy_se", "trials")
 
 
-def checkpoint_accuracy(run_dir: Path) -> dict[int, float]:
-    """Step -> task accuracy of a run's in-training evaluations (``metrics.eval.jsonl``; the
-    first exact-match metric; the last line of a step wins, as a resumed run re-records it)."""
+def checkpoint_accuracy(run_dir: Path) -> dict[int, tuple[int, float]]:
+    """Step -> (training tokens, task accuracy) of a run's evaluations: the accuracy from
+    ``metrics.eval.jsonl`` (the first exact-match metric; a step's last line wins, as a resumed
+    run records it again), the tokens from the step's row in ``metrics.jsonl``."""
     path = run_dir / "metrics.eval.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run recorded no evaluation")
-    out: dict[int, float] = {}
+    tokens = {int(r["step"]): int(r["tokens"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens" in r and "step" in r}
+    out: dict[int, tuple[int, float]] = {}
     for line in read_jsonl(path):
         keys = sorted(k for k in line if k.startswith("eval/") and "/exact_match" in k and not k.endswith("_se"))
         if keys and line.get("step") is not None:
-            out[int(line["step"])] = float(line[keys[0]])
+            step = int(line["step"])
+            if step not in tokens:
+                raise ValueError(f"{run_dir}/metrics.jsonl has no tokens for the evaluated step {step}")
+            out[step] = (tokens[step], float(line[keys[0]]))
     return out
 
 
@@ -111,9 +116,8 @@ def write_report(root: Path, cfg: Any, data: dict[str, Any], runs: list[dict], s
                  eval_n: int | None = None) -> dict:
     rows = []
     for r in runs:
-        for step, acc in sorted(checkpoint_accuracy(Path(r["run_dir"])).items()):
-            rows.append({**{k: r[k] for k in ("condition", "trial", "run")}, "step": step,
-                         "train_tokens": step * r["tokens_per_step"], "accuracy": acc})
+        for step, (tokens, acc) in sorted(checkpoint_accuracy(Path(r["run_dir"])).items()):
+            rows.append({**{k: r[k] for k in ("condition", "trial", "run")}, "step": step, "train_tokens": tokens, "accuracy": acc})
     summary = summarize(rows, data)
     result = {"name": cfg.name, "train_tokens": cfg.train_tokens, "trials": cfg.trials, "eval_problems": eval_n,
               "rows": rows, "summary": summary, "data": data, "stage_seconds": stage_seconds}

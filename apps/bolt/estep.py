@@ -41,6 +41,7 @@ from apps.bolt.posterior import (
     PosteriorSampler,
 )
 from lingua.args import ConfigError, check_min, cli_config, dump_config, to_dict
+from lingua.backends import build_backend, check_backend
 from lingua.errors import entry_point
 from lingua.io import (
     Skipped,
@@ -84,6 +85,9 @@ class EStepArgs:
     """Chunks per backend call (memory is bounded by the engine's token budget)."""
     max_batch_tokens: int = 16384
     device: str = "auto"
+    backend: str = "engine"
+    """Sampler/scorer: ``engine`` (in-process, any device) | ``vllm`` (CUDA, ``pip install -e .[vllm]``;
+    see :mod:`lingua.vllm_backend`). Part of the recipe when not the default."""
     dtype: str = "float32"
     """Weights and KV cache of the sampler/scorer: float32 | bfloat16 | float16. Log-probabilities
     are always taken in float32 from the logits; bfloat16 is the fast choice on GPU (the reference
@@ -112,6 +116,7 @@ class EStepArgs:
             raise ValueError(f"limit_docs must be >= 0 (0 or null: all documents), got {self.limit_docs}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_backend(self.backend)
         check_min(self, 1, "batch_chunks", "max_batch_tokens")
 
 
@@ -157,6 +162,8 @@ def recipe_hash(cfg: EStepArgs, fingerprint: str) -> str:
     for k in ("shard", "action", "progress", "device", "batch_chunks", "max_batch_tokens", "cache"):
         d.pop(k, None)
     d["limit_docs"] = d.get("limit_docs") or None  # 0 and None both mean all documents
+    if d.get("backend") == "engine":
+        d.pop("backend")  # the default keeps the recipes of runs made before the field existed
     d["model_fingerprint"] = fingerprint
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -224,15 +231,12 @@ def _concatenate(parts: list[Path], dest: Path) -> int:
 
 
 def _load_backend(cfg: EStepArgs):
-    import torch
+    from lingua.consolidated import fingerprint
 
-    from lingua.consolidated import fingerprint, load_consolidated
-    from lingua.generation import Engine
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_consolidated(cfg.ckpt, device=device)
-    model = model.to(getattr(torch, cfg.dtype))
-    return Engine(model, tok, device=device, max_batch_tokens=cfg.max_batch_tokens), fingerprint(cfg.ckpt)
+    # log q is all the E-step reads of a sample: vLLM may skip re-scoring raw log-probs
+    backend = build_backend(cfg.backend, cfg.ckpt, device=cfg.device, dtype=cfg.dtype,
+                            max_batch_tokens=cfg.max_batch_tokens, raw_logprobs=False)
+    return backend, fingerprint(cfg.ckpt)
 
 
 def run_shard(cfg: EStepArgs, backend=None, fp: str | None = None) -> dict:

@@ -26,6 +26,7 @@ from typing import Any
 
 from apps.bolt.evaluation.options import HarnessOptions
 from lingua.args import check_min
+from lingua.backends import check_backend
 from lingua.errors import entry_point
 
 logger = logging.getLogger("apps.bolt.eval")
@@ -46,6 +47,8 @@ class EvalArgs:
     """Task folder; empty: the shipped ``apps/bolt/configs/tasks``."""
     harness: HarnessOptions = field(default_factory=HarnessOptions)
     device: str = "cpu"
+    backend: str = "engine"
+    """``engine`` (in-process, ``device``) | ``vllm`` (CUDA; ``pip install -e .[vllm]``)."""
     max_batch_tokens: int = 16384
     """Token budget of one forward in the engine (memory bound)."""
     out_dir: str = ""
@@ -61,6 +64,7 @@ class EvalArgs:
             raise ValueError(f"variant must be auto, raw or latent, got {self.variant!r}")
         if not [t for t in self.tasks.split(",") if t.strip()]:
             raise ValueError("tasks is empty")
+        check_backend(self.backend)
         check_min(self, 1, "max_batch_tokens")
 
     def task_list(self) -> list[str]:
@@ -121,11 +125,9 @@ def run(cfg: EvalArgs, *, backend: Any = None) -> dict[str, Any]:
     dump_config(cfg, out_dir / "config.yaml")
     library = TaskLibrary(cfg.include_path or TASKS_DIR, cfg.data_root or None)
     if backend is None:
-        from lingua.consolidated import load_consolidated
-        from lingua.generation import Engine
+        from lingua.backends import build_backend
 
-        model, tokenizer = load_consolidated(ref.consolidated, device=cfg.device)
-        backend = Engine(model, tokenizer, max_batch_tokens=cfg.max_batch_tokens)
+        backend = build_backend(cfg.backend, ref.consolidated, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens)
     logger.info("evaluating %s on %s (variant %s, seeds %s)", ref.consolidated if ref else "backend", tasks, variant, cfg.harness.seeds)
     outcome = evaluate_tasks(backend, tasks, library, cfg.harness)
     info = {

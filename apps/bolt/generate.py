@@ -20,6 +20,7 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from lingua.args import cli_config
+from lingua.backends import build_backend, check_backend
 from lingua.errors import entry_point
 from lingua.generation import Engine, GenerationResult
 from lingua.io import write_jsonl
@@ -37,6 +38,8 @@ class GenerateArgs:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``."""
+    backend: str = "engine"
+    """``engine`` (in-process) | ``vllm`` (CUDA; ``pip install -e .[vllm]``)."""
     dtype: str = "float32"
     """Model weights dtype: float32 or bfloat16 (bfloat16 is slow on CPU)."""
     max_batch_tokens: int = 16384
@@ -49,6 +52,7 @@ class GenerateArgs:
             raise ValueError("ckpt=DIR (a consolidated checkpoint folder) is required")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_backend(self.backend)
         if self.output is not None and self.prompts == INTERACTIVE:
             raise ValueError("output= needs a prompts file, not interactive mode")
 
@@ -84,7 +88,7 @@ def generate_and_report(
     """Generate, print every sample and a throughput line; returns (results, stats)."""
     start = time.perf_counter()
     results = engine.generate(list(prompts), params)
-    if engine.device.type == "cuda":
+    if getattr(engine, "device", None) is not None and engine.device.type == "cuda":  # vLLM returns synchronized
         torch.cuda.synchronize(engine.device)
     seconds = time.perf_counter() - start
     for i, (prompt, samples) in enumerate(zip(prompts, results)):
@@ -134,12 +138,8 @@ def _records(prompts: Sequence[str], results: list[list[GenerationResult]]) -> l
 
 
 def build_engine(cfg: GenerateArgs) -> Engine:
-    from lingua.consolidated import load_consolidated
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_consolidated(cfg.ckpt, device=device)
-    model = model.to(getattr(torch, cfg.dtype))
-    return Engine(model, tokenizer, max_batch_tokens=cfg.max_batch_tokens)
+    """The configured backend (an :class:`Engine` unless ``backend=vllm``)."""
+    return build_backend(cfg.backend, cfg.ckpt, device=cfg.device, dtype=cfg.dtype, max_batch_tokens=cfg.max_batch_tokens)
 
 
 def run(cfg: GenerateArgs, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> dict:

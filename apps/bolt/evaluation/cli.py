@@ -10,6 +10,11 @@ loads only when ``--model bolt`` is used), adds ``--include_path apps/bolt/confi
 the command line names an include path, and hands everything else to lm-eval's CLI unchanged
 (``lm_eval --model bolt`` alone cannot work: lm-eval does not know this project). The project's
 tasks are named ``bolt_*`` so they never shadow lm-eval's tasks of the same base name.
+
+lm-eval's own tasks work as on ``lm_eval`` (``--tasks gsm8k_cot,minerva_math``), and their latent
+variants, derived at run time by :mod:`apps.bolt.evaluation.standard`, as
+``--tasks bolt_latent_std_gsm8k_cot`` (lm-eval's ``TaskManager`` is replaced by the subclass that
+registers them; ``ls tasks`` does not list them).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     register_bolt_model()
+    from apps.bolt.evaluation.standard import install_task_manager
+
+    install_task_manager()  # --tasks also accepts bolt_latent_std_<lm-eval task>
     args = with_task_path(sys.argv[1:] if argv is None else argv)
     sys.argv = ["bolt-lm-eval", *args]  # lm-eval's CLI parses sys.argv itself
     cli_evaluate()

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from apps.bolt.evaluation.harness import BoltLM
 from apps.bolt.evaluation.options import HarnessOptions
 from apps.bolt.evaluation.results import aggregate_seeds, flatten_results
+from apps.bolt.evaluation.standard import std_metric_keys
 from apps.bolt.evaluation.subset import describe as describe_subset
 from apps.bolt.evaluation.subset import plan as choose_subsets
 from apps.bolt.evaluation.subset import record as subset_record
@@ -101,7 +102,7 @@ def evaluate_tasks(backend: Any, tasks: Sequence[str], library: TaskLibrary, opt
         res["seed"] = seed
         res["subset"] = chosen
         results.append(res)
-        flat.append(flatten_results(res))
+        flat.append(std_metric_keys(flatten_results(res), library.standard_raw_names))
         limits.append(lm.limits.as_dict())
         logger.info("seed %d done: %s", seed, ", ".join(f"{k}={v:.4f}" for k, v in flat[-1].items()))
     return EvalOutcome(list(tasks), results, samples, flat, aggregate_seeds(flat), limits, chosen)

@@ -17,7 +17,9 @@ Names: every shipped task and group is called ``bolt_<name>`` (``bolt_gsm8k_cot`
 name base tasks (``tasks: gsm8k_cot``), :func:`apply_variant` turns them into shipped names, and
 :class:`TaskLibrary` resolves ``gsm8k_cot`` to ``bolt_gsm8k_cot`` (and the reverse for task
 folders of one's own whose names carry no prefix). Metric keys use :func:`base_name`
-(``gsm8k_cot``), as before the prefix.
+(``gsm8k_cot``), as before the prefix. A name that is no shipped task is one of lm-eval's own
+(``std_gsm8k_cot``, ``minerva_math``) or its derived latent variant (``bolt_latent_std_...``):
+:mod:`apps.bolt.evaluation.standard` resolves and builds those.
 
 lm-eval only reads a task's YAML when given its name, so the rewritten configs are handed over as
 built ``Task``/``Group`` objects: :meth:`TaskLibrary.build` loads each YAML (includes and
@@ -35,6 +37,8 @@ from typing import Any, Iterable
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LATENT_PREFIX = "latent_"
 TASK_PREFIX = "bolt_"
+STD_PREFIX = "std_"
+"""Base names ``std_<name>`` are lm-eval's own task ``<name>`` (:mod:`apps.bolt.evaluation.standard`)."""
 """Prefix of every shipped task and group name (keeps lm-eval's own task names free)."""
 
 LATENT_LAYOUTS = frozenset({"random", "prior"})
@@ -61,10 +65,20 @@ def variant_for_layout(layout: str | None) -> str:
 
 def apply_variant(names: Iterable[str], variant: str) -> list[str]:
     """Shipped task names for ``variant``: ``bolt_latent_<base>`` or ``bolt_<base>``, from base,
-    ``latent_`` or ``bolt_`` names alike."""
+    ``latent_`` or ``bolt_`` names alike. lm-eval's own tasks, named ``std_<name>``
+    (:mod:`apps.bolt.evaluation.standard`), stay ``std_<name>`` (raw: :class:`TaskLibrary` builds
+    lm-eval's ``<name>`` unchanged; the prefix keeps ``std_gsm8k_cot`` apart from the shipped
+    ``gsm8k_cot``) or become ``bolt_latent_std_<name>`` (the derived latent variant)."""
     if variant not in ("raw", "latent"):
         raise TaskConfigError(f"variant must be raw or latent here, got {variant!r}")
-    return [TASK_PREFIX + (LATENT_PREFIX if variant == "latent" else "") + base_name(n) for n in names]
+    out = []
+    for n in names:
+        base = base_name(n)
+        if base.startswith(STD_PREFIX):
+            out.append(TASK_PREFIX + LATENT_PREFIX + base if variant == "latent" else base)
+        else:
+            out.append(TASK_PREFIX + (LATENT_PREFIX if variant == "latent" else "") + base)
+    return out
 
 
 def base_name(task: str) -> str:
@@ -118,15 +132,38 @@ def _local_file(task: str, path: str | Path, root: Path | None) -> Path:
 
 
 class TaskLibrary:
-    """The tasks under ``include_path`` (default: the shipped ones) and how to build them."""
+    """The tasks under ``include_path`` (default: the shipped ones) and how to build them; any
+    other name is one of lm-eval's own tasks or its derived latent variant
+    (:class:`apps.bolt.evaluation.standard.StandardTasks`, indexed on first use)."""
 
-    def __init__(self, include_path: str | Path = TASKS_DIR, data_root: str | Path | None = None):
+    def __init__(self, include_path: str | Path = TASKS_DIR, data_root: str | Path | None = None, standard: Any = None):
+        """``standard``: a ``StandardTasks`` to use for lm-eval's tasks (default: all of them,
+        created when a name is not a shipped one; tests pass one that indexes a few folders)."""
         from lm_eval.tasks import TaskManager
 
         self.include_path = Path(include_path)
         self.data_root = Path(data_root).resolve() if data_root else None
         self.manager = TaskManager(include_path=str(self.include_path), include_defaults=False)
         self._index = self.manager.task_index
+        self._standard = standard
+
+    @property
+    def standard(self) -> Any:
+        """lm-eval's tasks and their latent variants (``StandardTasks``), created on first use."""
+        if self._standard is None:
+            from apps.bolt.evaluation.standard import StandardTasks
+
+            self._standard = StandardTasks(data_root=self.data_root)
+        return self._standard
+
+    @property
+    def standard_raw_names(self) -> set[str]:
+        """lm-eval task and group names built raw so far (their metric keys get ``std_``)."""
+        return set(self._standard.raw_built) if self._standard is not None else set()
+
+    def is_shipped(self, name: str) -> bool:
+        """Whether ``name`` is a task or group of ``include_path`` (else: lm-eval's)."""
+        return self.canonical(name) in self._index
 
     @property
     def names(self) -> list[str]:
@@ -166,22 +203,50 @@ class TaskLibrary:
 
     def leaf_tasks(self, name: str) -> list[str]:
         """The task names under ``name`` (itself when it is a task), in YAML order."""
+        if not self.is_shipped(name):
+            return self._standard_call("leaf_tasks", name)
         name = self.canonical(name)
         if not self.is_group(name):
             return [name]
         return [leaf for child in self._children(name) for leaf in self.leaf_tasks(child)]
 
     def build(self, names: Iterable[str], num_fewshot: int | None = None) -> list[Any]:
-        """lm-eval ``Task``/``Group`` objects for ``names``, ready for ``simple_evaluate``."""
-        return [self._build(n, num_fewshot) for n in names]
+        """lm-eval ``Task``/``Group`` objects for ``names``, ready for ``simple_evaluate`` (an
+        lm-eval tag gives its tasks)."""
+        built: list[Any] = []
+        for n in names:
+            if self.is_shipped(n):
+                built.append(self._build(n, num_fewshot))
+            else:
+                built += self._standard_call("build", n, num_fewshot)
+        return built
 
     # ------------------------------------------------------------------------ internals
+    def _standard_call(self, method: str, name: str, *args: Any) -> Any:
+        from apps.bolt.evaluation.standard import StandardTaskError
+
+        try:
+            return getattr(self.standard, method)(name, *args)
+        except StandardTaskError as e:
+            raise TaskConfigError(f"unknown task {name!r} in {self.include_path}{self._similar(name)}; as one of lm-eval's: {e}") from e
+        except TaskConfigError:
+            raise
+        except Exception as e:
+            raise TaskConfigError(f"lm-eval task {name}: {e}") from e
+
+    def _similar(self, name: str) -> str:
+        """`` (similar: ...)`` for an unknown name: shipped tasks that contain it or are close to it."""
+        import difflib
+
+        close = [n for n in self.names if name in n or n in name]
+        close += difflib.get_close_matches(TASK_PREFIX + base_name(name), self.names, n=5, cutoff=0.8)
+        close = list(dict.fromkeys(close))[:5]
+        return f" (similar: {', '.join(close)})" if close else ""
+
     def _entry(self, name: str):
         entry = self._index.get(self.canonical(name))
         if entry is None or entry.yaml_path is None:
-            close = [n for n in self.names if name in n or n in name][:5]
-            hint = f" (similar: {', '.join(close)})" if close else ""
-            raise TaskConfigError(f"unknown task {name!r} in {self.include_path}{hint}")
+            raise TaskConfigError(f"unknown task {name!r} in {self.include_path}{self._similar(name)}")
         return entry
 
     def _children(self, group: str) -> list[str]:
