@@ -43,3 +43,16 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_em_run(tmp_path_factory):
+    """The tiny EM loop of tests/test_em.py, stages one after another (``local.jobs=1``) with its
+    E-step as two shard processes: run once per session, shared by tests/test_em.py and, as the
+    sequential reference, tests/test_em_parallel.py. Tests may rerun it, never change its results."""
+    from apps.bolt import em
+    from tests.test_em import _cfg
+
+    tmp = tmp_path_factory.mktemp("em")
+    cfg = _cfg(tmp, "local.estep_procs=2")
+    return tmp, cfg, em.run(cfg)

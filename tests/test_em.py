@@ -41,11 +41,9 @@ def _stages(root: Path) -> list[str]:
     return [json.loads(x)["stage"] for x in (root / "stages.jsonl").read_text().split("\n") if x]
 
 
-@pytest.fixture(scope="module")
-def em_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("em")
-    cfg = _cfg(tmp)
-    return tmp, cfg, em.run(cfg)
+@pytest.fixture
+def em_run(tiny_em_run):
+    return tiny_em_run  # tests/conftest.py: one run per session
 
 
 def test_em_runs_every_stage_and_reports(em_run):

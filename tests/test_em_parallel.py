@@ -76,18 +76,16 @@ class ChildWatcher:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The tiny EM loop twice: ``local.jobs=1`` and ``local.jobs=2`` (watched from /proc)."""
+def runs(tmp_path_factory, tiny_em_run):
+    """The tiny EM loop twice: ``local.jobs=1`` (the session's run, tests/conftest.py) and
+    ``local.jobs=2`` (watched from /proc)."""
+    _, seq, r_seq = tiny_em_run
     tmp = tmp_path_factory.mktemp("em_par")
-    seq = _cfg(tmp, *BOTH, f"dump_dir={tmp / 'one'}", "local.jobs=1")
     par = _cfg(tmp, *BOTH, f"dump_dir={tmp / 'two'}", "local.jobs=2")
-    t0 = time.perf_counter()
-    r_seq = em.run(seq)
     t1 = time.perf_counter()
     with ChildWatcher() as watch:
         r_par = em.run(par)
-    t2 = time.perf_counter()
-    print(f"\ntiny EM run: local.jobs=1 {t1 - t0:.1f}s, local.jobs=2 {t2 - t1:.1f}s")
+    print(f"\ntiny EM run: local.jobs=2 {time.perf_counter() - t1:.1f}s")
     return tmp, (Path(seq.dump_dir), r_seq), (Path(par.dump_dir), r_par), watch
 
 
