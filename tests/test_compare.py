@@ -64,7 +64,19 @@ def test_resume_skips_every_complete_stage(stopped_then_resumed):
                       "train:latent_thoughts_t0", "train:raw_repeat_t0"]
     after = _stages(Path(cfg.dump_dir))
     assert after[: len(before)] == before  # nothing redone
-    assert after[len(before):] == ["train:raw_fresh_t0", "train:wrap_orig_t0", "train:wrap_cot_t0"]
+    assert after[len(before):] == ["train:raw_fresh_t0", "train:wrap_orig_t0", "train:wrap_cot_t0",
+                                   "eval:raw_repeat_t0:synthetic_inline_cot", "eval:raw_fresh_t0:synthetic_inline_cot",
+                                   "eval:wrap_orig_t0:synthetic_inline_cot", "eval:wrap_cot_t0:synthetic_cot"]
+
+
+def test_final_models_on_the_other_prompt(stopped_then_resumed):
+    cfg, _, result = stopped_then_resumed
+    got = {(o["condition"], o["tasks"]) for o in result["other_prompts"]}
+    assert got == {(c, t) for c, t in cfg.final_tasks.items()}
+    assert all(0.0 <= o["accuracy"] <= 1.0 and o["trials"] == 1 for o in result["other_prompts"])
+    saved = json.loads((Path(cfg.dump_dir) / "evals" / "wrap_cot_t0-synthetic_cot" / "summary.json").read_text())
+    assert saved["variant"] == "raw" and list(saved["summary"]) == ["synthetic_cot/exact_match/answer"]
+    assert "another prompt" in (Path(cfg.dump_dir) / "results.md").read_text()
 
 
 def test_every_condition_trains_the_same_budget_and_is_evaluated_at_each_checkpoint(stopped_then_resumed):

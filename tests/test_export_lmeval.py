@@ -1,10 +1,10 @@
 """Exports outside our engine: a tiny model that learned one latent completion is exported, loaded
 back with transformers (AutoTokenizer / AutoModelForCausalLM, default decoding that skips special
 tokens, as lm-eval's ``hf`` model and vLLM do), and its completion graded by our latent filters
-must equal what our engine gives. Also: the export's tokens, configs, model card, chat template.
-
-lm-eval's own ``hf`` model needs ``accelerate`` (not installed), so the round trip is checked with
-transformers directly."""
+must equal what our engine gives. The same through lm-eval itself: ``simple_evaluate`` with its
+own ``hf`` model (HFLM, which needs ``accelerate``, a test requirement) on the export and with the
+``bolt`` model on the consolidated checkpoint, on one latent generate_until task, must give the
+same generation and grade. Also: the export's tokens, configs, model card, chat template."""
 
 from __future__ import annotations
 
@@ -82,6 +82,65 @@ def test_latent_completion_survives_transformers_round_trip(trained_ckpt, tmp_pa
     assert _grade(theirs) == _grade(ours) == {"strict-match": "5", "latent-strict-match": "5", "latent-flexible-extract": "5"}
     # what the old export (latent tokens special) handed the grader: the thought is lost
     assert _grade(theirs.replace(EOL, ""))["latent-strict-match"] == "[invalid]"
+
+
+def _latent_task(folder: Path, data: Path) -> str:
+    """A one-document latent generate_until task (our latent filters, exact match on "5")."""
+    data.write_text(json.dumps({"q": PROMPT, "a": "5"}) + "\n")
+    folder.mkdir()
+    fn = "!function apps.bolt.evaluation.task_functions"
+    filters = "".join(
+        f"  - name: {name}\n    filter:\n      - function: custom\n        filter_fn: {fn}.{f}\n"
+        "      - function: take_first\n"
+        for name, f in (("strict-match", "strict_number_filter"), ("latent-strict-match", "latent_strict_number_filter"),
+                        ("latent-flexible-extract", "latent_flexible_number_filter"))
+    )  # fmt: skip
+    (folder / "tiny_hf_latent.yaml").write_text(
+        "task: tiny_hf_latent\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "target_delimiter: ''\n"
+        f"generation_kwargs:\n  until: {json.dumps(['Q:', SOL])}\n  max_gen_toks: 80\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        f"filter_list:\n{filters}"
+    )
+    return "tiny_hf_latent"
+
+
+def test_lm_eval_hf_model_on_the_export_matches_the_bolt_model_on_the_checkpoint(trained_ckpt, tmp_path):
+    """lm-eval's own ``hf`` model (HFLM) on the export and ``bolt`` (BoltLM) on the consolidated
+    checkpoint, both through ``lm_eval.simple_evaluate`` on the same latent task: the same
+    generation (the thought kept: the latent tokens are decoded), the same grades, all 1.0."""
+    pytest.importorskip("accelerate")  # HFLM imports it
+    import lm_eval
+    import lm_eval.models  # noqa: F401  lm-eval's own models (hf); it imports them only into an
+    from lm_eval.tasks import TaskManager  # empty registry, and register_bolt_model fills it with bolt
+
+    from apps.bolt.evaluation.cli import register_bolt_model
+    from lingua.hf import export_hf
+
+    ckpt, _, _ = trained_ckpt
+    export = export_hf(ckpt, tmp_path / "hf")
+    task = _latent_task(tmp_path / "tasks", tmp_path / "doc.jsonl")
+    register_bolt_model()
+    runs = {
+        "hf": f"pretrained={export},tokenizer={export},dtype=float32,device=cpu,batch_size=1",
+        "bolt": f"ckpt={ckpt},max_gen_tokens=100,device=cpu",
+    }
+    out = {}
+    for name, model_args in runs.items():
+        res = lm_eval.simple_evaluate(
+            model=name, model_args=model_args, tasks=[task], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+            log_samples=True, bootstrap_iters=0,
+        )  # fmt: skip
+        print("DBG", [{k: v for k, v in s.items() if k not in ("doc", "arguments")} for s in res["samples"][task]]); (sample,) = res["samples"][task]
+        out[name] = (sample["resps"], sample["filtered_resps"], res["results"][task])
+    (hf_gen,), filtered, metrics = out["hf"][0][0], out["hf"][1], out["hf"][2]
+    assert hf_gen == out["bolt"][0][0][0] == COMPLETION  # stopped at "Q:" after the answer sentence
+    assert EOL in hf_gen
+    assert filtered == out["bolt"][1]
+    for f in ("strict-match", "latent-strict-match", "latent-flexible-extract"):
+        assert metrics[f"exact_match,{f}"] == out["bolt"][2][f"exact_match,{f}"] == 1.0, f
 
 
 def test_export_tokens_configs_and_model_card(trained_ckpt, tmp_path):

@@ -34,6 +34,7 @@ uses every core, or slurm.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,11 @@ class CompareArgs:
     eval_tasks: dict[str, str] = field(default_factory=dict)
     """Evaluation tasks of a condition when not the train config's ``eval.tasks`` (e.g. the
     chain-of-thought prompt for ``wrap_cot``)."""
+    final_tasks: dict[str, str] = field(default_factory=dict)
+    """Another prompt for a condition's final models (e.g. the chain-of-thought prompt for the raw
+    conditions, the direct one for WRAP-CoT): checks that the comparison does not hinge on the
+    prompt format. Same harness settings as the in-training evaluations; evaluated in the
+    driver's process; the report's "other prompts" table."""
     leakage_check: str = ""
     """``module:function(eval_dir) -> scanner`` that finds evaluation problems in text (the
     synthetic world's :func:`apps.bolt.compare_data.synthetic_leakage`); empty: not scanned."""
@@ -113,8 +119,10 @@ class CompareArgs:
             raise ValueError("trials >= 1 and train_tokens > 0 are required")
         if any(not 0 < t < self.train_tokens for t in self.eval_tokens):
             raise ValueError(f"eval_tokens must lie in (0, train_tokens={self.train_tokens}), got {self.eval_tokens}")
-        if set(self.eval_tasks) - set(CONDITIONS):
-            raise ValueError(f"eval_tasks: unknown conditions {sorted(set(self.eval_tasks) - set(CONDITIONS))}")
+        for name in ("eval_tasks", "final_tasks"):
+            unknown = sorted(set(getattr(self, name)) - set(CONDITIONS))
+            if unknown:
+                raise ValueError(f"{name}: unknown conditions {unknown}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
         self.base.validate()
@@ -202,8 +210,9 @@ class CompareDriver:
         self.em.base_init = self.em.base()
         works = [lambda cond=cond, t=t: self.train(cond, t) for t in range(c.trials) for cond in c.conditions]
         runs = self.em.concurrently(works)
+        others = [o for o in (self.other_prompt(r) for r in runs) if o is not None]
         limit = self.em.loaded("train").eval.harness.limit
-        return compare_report.write_report(self.root, c, scan, runs, self.em.stage_seconds(), limit)
+        return compare_report.write_report(self.root, c, scan, runs, self.em.stage_seconds(), limit, others)
 
     def train(self, condition: str, trial: int) -> dict:
         """One condition's run for one seed; returns where it lives."""
@@ -212,6 +221,27 @@ class CompareDriver:
         self.em.train_run(name, self.source(condition), layout, self.cfg.train_tokens, trial, self.em.base_init,
                           extra=self.eval_overrides(condition))
         return {"condition": condition, "trial": trial, "run": name, "run_dir": str(self.em.runs / name)}
+
+
+    def other_prompt(self, run: dict) -> dict | None:
+        """The final model of ``run`` on its condition's ``final_tasks`` (None: none asked)."""
+        tasks = self.cfg.final_tasks.get(run["condition"])
+        if not tasks:
+            return None
+        from apps.bolt import eval as bolt_eval
+        from apps.bolt.em_eval import task_accuracy
+
+        out = self.root / "evals" / f"{run['run']}-{tasks.replace(',', '+')}"
+        harness = self.em.loaded("train").eval.harness
+        ecfg = bolt_eval.EvalArgs(ckpt=run["run_dir"], tasks=tasks, data_root=str(self.data), harness=harness,
+                                  device=self.cfg.device, out_dir=str(out), metrics_file="none")
+        ecfg.validate()
+        self.em._stage(f"eval:{run['run']}:{tasks}", lambda: is_done(out), lambda: bolt_eval.run(ecfg))
+        summary = json.loads((out / "summary.json").read_text())
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        accuracy = task_accuracy(summary, names)
+        return {**{k: run[k] for k in ("condition", "trial", "run")}, "tasks": tasks,
+                "accuracy": sum(accuracy.values()) / len(accuracy)}
 
 
 def run(cfg: CompareArgs, jobs: Any = None) -> dict:

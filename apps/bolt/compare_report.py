@@ -80,7 +80,7 @@ def _fmt(mean: float | None, se: float | None) -> str:
     return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
-def markdown(name: str, summary: list[dict], data: dict[str, Any], eval_n: int | None) -> str:
+def markdown(name: str, summary: list[dict], data: dict[str, Any], eval_n: int | None, other: list[dict] = ()) -> str:
     final = {}
     for s in summary:
         final[s["condition"]] = s  # sorted by tokens: the last one is the final checkpoint
@@ -91,6 +91,10 @@ def markdown(name: str, summary: list[dict], data: dict[str, Any], eval_n: int |
     for cond, s in final.items():
         lines.append(f"| {cond} | {_fmt(s['accuracy'], s['accuracy_se'])} | {s['trials']} | {s['effective_raw_tokens']:,.0f} | "
                      f"{data['conditions'][cond]['unique_raw_tokens']:,} |")
+    if other:
+        lines += ["", "Final models on another prompt (mean ± SE over trials):", "", "| condition | tasks | accuracy | trials |",
+                  "|---|---|---|---|"]
+        lines += [f"| {o['condition']} | {o['tasks']} | {_fmt(o['accuracy'], o['accuracy_se'])} | {o['trials']} |" for o in other]
     lines += ["", "Data (measured, `scan.json`):", "",
               "| condition | dataset | layout | synthetic-to-raw ratio | packed tokens / pass | passes | statements read | eval problems found |",
               "|---|---|---|---|---|---|---|---|"]
@@ -112,19 +116,33 @@ def write_csv(path: Path, summary: list[dict]) -> None:
             w.writerow({k: ("" if s.get(k) is None else s[k]) for k in CSV_COLUMNS})
 
 
+def other_prompts(others: list[dict]) -> list[dict]:
+    """Mean ± SE over trials of the final models on other prompts, per (condition, tasks)."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for o in others:
+        groups[(o["condition"], o["tasks"])].append(o["accuracy"])
+    out = []
+    for (cond, tasks), accs in groups.items():
+        mean, se = mean_se(accs)
+        out.append({"condition": cond, "tasks": tasks, "accuracy": mean, "accuracy_se": se, "trials": len(accs)})
+    return out
+
+
 def write_report(root: Path, cfg: Any, data: dict[str, Any], runs: list[dict], stage_seconds: dict[str, float],
-                 eval_n: int | None = None) -> dict:
+                 eval_n: int | None = None, others: list[dict] = ()) -> dict:
     rows = []
     for r in runs:
         for step, (tokens, acc) in sorted(checkpoint_accuracy(Path(r["run_dir"])).items()):
             rows.append({**{k: r[k] for k in ("condition", "trial", "run")}, "step": step, "train_tokens": tokens, "accuracy": acc})
     summary = summarize(rows, data)
+    other = other_prompts(list(others))
     result = {"name": cfg.name, "train_tokens": cfg.train_tokens, "trials": cfg.trials, "eval_problems": eval_n,
-              "rows": rows, "summary": summary, "data": data, "stage_seconds": stage_seconds}
+              "rows": rows, "summary": summary, "other_prompts": other, "other_prompt_rows": list(others), "data": data,
+              "stage_seconds": stage_seconds}
     atomic_write_json(root / "results.json", result)
     write_csv(root / "conditions.csv", summary)
     with atomic_open(root / "results.md", "w") as f:
-        f.write(markdown(cfg.name, summary, data, eval_n))
+        f.write(markdown(cfg.name, summary, data, eval_n, other))
     from plots.common import save
     from plots.method_compare import figure
 
