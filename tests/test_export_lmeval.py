@@ -113,8 +113,8 @@ def test_lm_eval_hf_model_on_the_export_matches_the_bolt_model_on_the_checkpoint
     generation (the thought kept: the latent tokens are decoded), the same grades, all 1.0."""
     pytest.importorskip("accelerate")  # HFLM imports it
     import lm_eval
-    import lm_eval.models  # noqa: F401  lm-eval's own models (hf); it imports them only into an
-    from lm_eval.tasks import TaskManager  # empty registry, and register_bolt_model fills it with bolt
+    import lm_eval.models  # noqa: F401  registers hf (lm-eval does only into an empty registry)
+    from lm_eval.tasks import TaskManager
 
     from apps.bolt.evaluation.cli import register_bolt_model
     from lingua.hf import export_hf
@@ -127,20 +127,24 @@ def test_lm_eval_hf_model_on_the_export_matches_the_bolt_model_on_the_checkpoint
         "hf": f"pretrained={export},tokenizer={export},dtype=float32,device=cpu,batch_size=1",
         "bolt": f"ckpt={ckpt},max_gen_tokens=100,device=cpu",
     }
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)  # ours only: fast
     out = {}
     for name, model_args in runs.items():
         res = lm_eval.simple_evaluate(
-            model=name, model_args=model_args, tasks=[task], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+            model=name, model_args=model_args, tasks=[task], task_manager=tasks,
             log_samples=True, bootstrap_iters=0,
         )  # fmt: skip
-        print("DBG", [{k: v for k, v in s.items() if k not in ("doc", "arguments")} for s in res["samples"][task]]); (sample,) = res["samples"][task]
-        out[name] = (sample["resps"], sample["filtered_resps"], res["results"][task])
-    (hf_gen,), filtered, metrics = out["hf"][0][0], out["hf"][1], out["hf"][2]
-    assert hf_gen == out["bolt"][0][0][0] == COMPLETION  # stopped at "Q:" after the answer sentence
-    assert EOL in hf_gen
-    assert filtered == out["bolt"][1]
-    for f in ("strict-match", "latent-strict-match", "latent-flexible-extract"):
-        assert metrics[f"exact_match,{f}"] == out["bolt"][2][f"exact_match,{f}"] == 1.0, f
+        samples = {x["filter"]: (x["resps"], x["filtered_resps"]) for x in res["samples"][task]}  # one per filter
+        out[name] = samples, res["results"][task]
+    (hf_samples, hf_metrics), (bolt_samples, bolt_metrics) = out["hf"], out["bolt"]
+    assert hf_samples == bolt_samples
+    filters = ("strict-match", "latent-strict-match", "latent-flexible-extract")
+    assert set(hf_samples) == set(filters)
+    for f in filters:
+        (gen,), graded = hf_samples[f][0][0], hf_samples[f][1]
+        assert gen == COMPLETION and EOL in gen  # the thought decoded, cut at "Q:" / EOS
+        assert graded == ["5"], f
+        assert hf_metrics[f"exact_match,{f}"] == bolt_metrics[f"exact_match,{f}"] == 1.0, f
 
 
 def test_export_tokens_configs_and_model_card(trained_ckpt, tmp_path):

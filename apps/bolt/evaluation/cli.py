@@ -30,7 +30,10 @@ _INCLUDE_SUBCOMMANDS = {"run", "ls", "validate"}
 
 
 def register_bolt_model() -> None:
-    """Register ``bolt`` in lm-eval's model registry without importing the model module."""
+    """Register ``bolt`` in lm-eval's model registry without importing the model module. lm-eval's
+    own models are loaded first: it fills its registry only while the registry is empty, so
+    registering ``bolt`` first would hide ``hf``, ``vllm`` and the rest."""
+    import lm_eval.models  # noqa: F401  (registers lm-eval's models)
     from lm_eval.api.registry import model_registry
 
     if MODEL_NAME not in model_registry:
