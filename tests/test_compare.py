@@ -142,3 +142,16 @@ def test_bad_settings_fail_before_any_stage(tmp_path):
     with pytest.raises(Exception, match="teachers.wrap_orig"):
         compare.CompareDriver(_cfg(tmp_path, "teachers.wrap_orig.overrides=[num_repeats=0]")).check()
     assert not (tmp_path / "cmp").exists()
+
+
+def test_labels_name_conditions_in_the_csv(tmp_path):
+    from apps.bolt.compare_report import write_csv
+
+    rows = [{"condition": "latent_thoughts", "train_tokens": 10, "raw_tokens": 5, "effective_raw_tokens": 5.0,
+             "accuracy": 0.5, "accuracy_se": None, "trials": 1}]
+    write_csv(tmp_path / "c.csv", rows, {"latent_thoughts": "latent (1-sentence chunks)"})
+    (row,) = csv.DictReader(open(tmp_path / "c.csv"))
+    assert row["condition"] == "latent (1-sentence chunks)" and row["accuracy_se"] == ""
+    assert _cfg(tmp_path, "labels.latent_thoughts=x").labels == {"latent_thoughts": "x"}
+    with pytest.raises(ValueError, match="labels"):
+        _cfg(tmp_path, "labels.latent=x").validate()

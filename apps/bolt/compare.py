@@ -87,6 +87,9 @@ class CompareArgs:
     eval_tasks: dict[str, str] = field(default_factory=dict)
     """Evaluation tasks of a condition when not the train config's ``eval.tasks`` (e.g. the
     chain-of-thought prompt for ``wrap_cot``)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Names of conditions in the figure and ``conditions.csv`` (default: the condition names), e.g.
+    to plot a variant next to the main comparison."""
     final_tasks: dict[str, str] = field(default_factory=dict)
     """Another prompt for a condition's final models (e.g. the chain-of-thought prompt for the raw
     conditions, the direct one for WRAP-CoT): checks that the comparison does not hinge on the
@@ -119,7 +122,7 @@ class CompareArgs:
             raise ValueError("trials >= 1 and train_tokens > 0 are required")
         if any(not 0 < t < self.train_tokens for t in self.eval_tokens):
             raise ValueError(f"eval_tokens must lie in (0, train_tokens={self.train_tokens}), got {self.eval_tokens}")
-        for name in ("eval_tasks", "final_tasks"):
+        for name in ("eval_tasks", "final_tasks", "labels"):
             unknown = sorted(set(getattr(self, name)) - set(CONDITIONS))
             if unknown:
                 raise ValueError(f"{name}: unknown conditions {unknown}")

@@ -108,12 +108,15 @@ def markdown(name: str, summary: list[dict], data: dict[str, Any], eval_n: int |
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, summary: list[dict]) -> None:
+def write_csv(path: Path, summary: list[dict], labels: dict[str, str] | None = None) -> None:
+    """``conditions.csv`` (``labels``: the name a condition gets in it, default its own)."""
+    labels = labels or {}
     with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for s in summary:
-            w.writerow({k: ("" if s.get(k) is None else s[k]) for k in CSV_COLUMNS})
+            row = {k: ("" if s.get(k) is None else s[k]) for k in CSV_COLUMNS}
+            w.writerow({**row, "condition": labels.get(s["condition"], s["condition"])})
 
 
 def other_prompts(others: list[dict]) -> list[dict]:
@@ -140,7 +143,7 @@ def write_report(root: Path, cfg: Any, data: dict[str, Any], runs: list[dict], s
               "rows": rows, "summary": summary, "other_prompts": other, "other_prompt_rows": list(others), "data": data,
               "stage_seconds": stage_seconds}
     atomic_write_json(root / "results.json", result)
-    write_csv(root / "conditions.csv", summary)
+    write_csv(root / "conditions.csv", summary, getattr(cfg, "labels", None))
     with atomic_open(root / "results.md", "w") as f:
         f.write(markdown(cfg.name, summary, data, eval_n, other))
     from plots.common import save
