@@ -368,6 +368,22 @@ def test_greedy_equals_hf_generate(model):
         assert samples[0].token_ids == out[row, width:].tolist()
 
 
+@pytest.mark.parametrize("mode", ["sample", "greedy"])
+def test_decode_profile_replays_the_engine(mode):
+    """benchmarks.decode_profile copies the packed-weights forward op for op; it asserts the copy
+    decodes the same tokens as ``model(...)``, which this smoke run exercises at a tiny size."""
+    pytest.importorskip("transformers")
+    from benchmarks import decode_profile
+
+    out = decode_profile.run(decode_profile.ProfileArgs(
+        prompts=4, new_tokens=4, min_prompt_len=3, max_prompt_len=9, dim=32, n_layers=2, n_heads=2,
+        vocab_size=64, repeats=1, mode=mode, threads=None,
+    ))
+    parts = out["per_step_ms"]
+    assert {"attention (SDPA over cache)", "matmul: qkv", "sampling: draw()", "kv cache write"} <= set(parts)
+    assert all(v >= 0 for v in parts.values())
+
+
 # --------------------------------------------------------------------------------------------
 # devices and CLI
 
