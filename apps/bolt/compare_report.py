@@ -20,11 +20,11 @@ made from, capped at the effective raw tokens (a fresh-data run has seen only wh
 from __future__ import annotations
 
 import csv
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from apps.bolt.evaluation.results import mean_se
 from lingua.io import atomic_open, atomic_write_json, read_jsonl
 
 CSV_COLUMNS = ("condition", "train_tokens", "raw_tokens", "effective_raw_tokens", "accuracy", "accuracy_se", "trials")
@@ -47,14 +47,6 @@ def checkpoint_accuracy(run_dir: Path) -> dict[int, tuple[int, float]]:
                 raise ValueError(f"{run_dir}/metrics.jsonl has no tokens for the evaluated step {step}")
             out[step] = (tokens[step], float(line[keys[0]]))
     return out
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
 
 
 def summarize(rows: list[dict], data: dict[str, Any]) -> list[dict]:

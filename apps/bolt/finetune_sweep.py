@@ -24,12 +24,12 @@ import csv
 import io
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from apps.bolt.evaluation.results import mean_se
 from apps.bolt.finetune import RESULT, FinetuneArgs
 from lingua.args import cli_config, dc_replace, dump_config, load_config
 from lingua.errors import entry_point
@@ -143,14 +143,6 @@ def _run_slurm(cfg: SweepArgs, configs: dict[str, FinetuneArgs]) -> list[str]:
     return [f"{names.get(f.job_id, f.job_id)}: {f.error} (log {f.stderr})" for f in wait_jobs(list(jobs.values()), s.poll_s)]
 
 
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def _metric_keys(results: list[dict]) -> list[str]:
     keys = {k for r in results for k, v in r["metrics"].items() if isinstance(v, (int, float)) and not k.endswith("_se")}
     head = [k for k in ("accuracy", "n_problems", "samples_per_problem") if k in keys]
@@ -177,7 +169,7 @@ def aggregate(results: dict[str, dict], trial_of: dict[str, str], seed_of: dict[
         overall = group == "all"
         row = {"row": "all" if overall else "trial", "trial": "" if overall else group, "seed": "", "runs": len(names)}
         for k in keys:
-            mean, se = _mean_se([float(results[n]["metrics"][k]) for n in names])
+            mean, se = mean_se([float(results[n]["metrics"][k]) for n in names])
             row[k], row[f"{k}_se"] = mean, se
         rows.append(row)
     return rows
