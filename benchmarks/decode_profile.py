@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.generation_throughput import BenchArgs, _hf_generate, _hf_model, _left_pad, _NoTokenizer
+from benchmarks.generation_throughput import BenchArgs, _hf_generate, _hf_model, _left_pad, setup
 from lingua.args import parse_args
 from lingua.batching import left_padded_prefill
 from lingua.generation import Engine
 from lingua.sampling import SamplingParams, draw, stream_key, stream_uniforms
-from lingua.transformer import additive_mask, apply_rope, build_model, TransformerArgs
+from lingua.transformer import additive_mask, apply_rope
 
 
 @dataclass
@@ -158,16 +158,8 @@ def _decode(engine: Engine, prompts, params: SamplingParams, clk: _Clock | None)
 
 
 def run(cfg: ProfileArgs) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    args = TransformerArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                           max_seqlen=cfg.max_prompt_len + max(cfg.new_tokens, cfg.continuation_len) + 8)
-    model = build_model(args, device=device).to(getattr(torch, cfg.dtype))
-    engine = Engine(model, _NoTokenizer(cfg.vocab_size), max_batch_tokens=cfg.max_batch_tokens)
-    g = torch.Generator().manual_seed(cfg.seed)
-    lens = torch.randint(cfg.min_prompt_len, cfg.max_prompt_len + 1, (cfg.prompts,), generator=g).tolist()
-    prompts = [[1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lens]
+    device, model, engine, prompts = setup(cfg)
+    lens = [len(p) for p in prompts]
     prompts.sort(key=len, reverse=True)  # the engine's batch order
     temperature = 0.0 if cfg.mode == "greedy" else 1.0
     params = SamplingParams(temperature=temperature, max_new_tokens=cfg.new_tokens, ignore_eos=True, seed=cfg.seed)

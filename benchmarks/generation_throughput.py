@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -133,7 +133,9 @@ def _hf_score(hf, pairs, device) -> list[float]:
     return [float(picked[r, len(c) - 1 : len(c) + len(k) - 1].sum()) for r, (c, k) in enumerate(pairs)]
 
 
-def run(cfg: BenchArgs) -> dict:
+def setup(cfg: BenchArgs) -> tuple[torch.device, Any, Engine, list[list[int]]]:
+    """The benchmark's workload: threads set, a random-weight model of the configured shape and
+    dtype, our engine on it, and the seeded random prompts (token ids)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -141,10 +143,16 @@ def run(cfg: BenchArgs) -> dict:
                            max_seqlen=cfg.max_prompt_len + max(cfg.new_tokens, cfg.continuation_len) + 8)
     model = build_model(args, device=device).to(getattr(torch, cfg.dtype))
     engine = Engine(model, _NoTokenizer(cfg.vocab_size), max_batch_tokens=cfg.max_batch_tokens)
-    hf = _hf_model(model, device)
     g = torch.Generator().manual_seed(cfg.seed)
     lens = torch.randint(cfg.min_prompt_len, cfg.max_prompt_len + 1, (cfg.prompts,), generator=g).tolist()
     prompts = [[1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lens]
+    return device, model, engine, prompts
+
+
+def run(cfg: BenchArgs) -> dict:
+    device, model, engine, prompts = setup(cfg)
+    lens = [len(p) for p in prompts]
+    hf = _hf_model(model, device)
     ids, mask = _left_pad(prompts, device)
     n_gen = cfg.prompts * cfg.new_tokens
     print(f"model: {model.num_params() / 1e6:.2f}M params, dim {cfg.dim}, {cfg.n_layers} layers, "

@@ -80,10 +80,9 @@ class EvalArgs:
         if self.mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {self.mode!r}")
 
-    def is_eval_step(self, step: int, total_steps: int, must: Collection[int] | None = None) -> bool:
-        """Every ``every`` steps, the must-evaluate steps (``must``: the run's resolved ones, with
-        ``must_eval_tokens``; default ``must_eval_steps``) and the final step."""
-        must = self.must_eval_steps if must is None else must
+    def is_eval_step(self, step: int, total_steps: int, must: Collection[int]) -> bool:
+        """Every ``every`` steps, the must-evaluate steps (``must``: the run's, ``must_eval_steps``
+        and the resolved ``must_eval_tokens``) and the final step."""
         return step == total_steps or step in must or bool(self.every and step % self.every == 0)
 
     def token_steps(self, tokens_per_step: int) -> set[int]:
