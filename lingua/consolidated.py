@@ -75,10 +75,7 @@ def save_consolidated(
 
     _atomic_torch_save(sd, out / WEIGHTS)
     atomic_write_json(out / PARAMS, to_dict(args))
-    tok_dir = out / TOKENIZER_DIR
-    tok_args = tokenizer.save(tok_dir)
-    rel = None if tok_args.path is None else os.path.relpath(tok_args.path, tok_dir)
-    atomic_write_json(tok_dir / TOKENIZER_ARGS, to_dict(TokenizerArgs(tok_args.name, rel, tok_args.special_tokens)))
+    save_tokenizer(tokenizer, out / TOKENIZER_DIR)
     if extra is not None:
         atomic_write_json(out / EXTRA, extra)
     n_params = sum(v.numel() for v in sd.values())
@@ -115,6 +112,15 @@ def _read_json(path: Path) -> dict:
 def load_params(folder: str | os.PathLike) -> TransformerArgs:
     path = Path(folder) / PARAMS
     return from_dict(TransformerArgs, _read_json(path), str(path))
+
+
+def save_tokenizer(tokenizer: Tokenizer, tok_dir: str | os.PathLike) -> None:
+    """Write ``tokenizer`` as a consolidated folder's ``tokenizer/``: its files and its args with
+    the path relative to ``tok_dir`` (the training run folder keeps a copy in the same layout)."""
+    tok_dir = Path(tok_dir)
+    tok_args = tokenizer.save(tok_dir)
+    rel = None if tok_args.path is None else os.path.relpath(tok_args.path, tok_dir)
+    atomic_write_json(tok_dir / TOKENIZER_ARGS, to_dict(TokenizerArgs(tok_args.name, rel, tok_args.special_tokens)))
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
@@ -189,6 +195,7 @@ __all__ = [
     "load_consolidated",
     "load_params",
     "load_tokenizer",
+    "save_tokenizer",
     "read_extra",
     "save_consolidated",
 ]

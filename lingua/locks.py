@@ -24,6 +24,7 @@ by :mod:`lingua.checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -32,7 +33,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 try:
     import fcntl
@@ -233,5 +234,27 @@ class RunLock:
             f"If no such process runs, the lock is stale: delete {self.path}"
         )
 
+@contextlib.contextmanager
+def lock_run_folder(folder: Path, env: Any, stage: str = "train") -> Iterator[None]:
+    """Hold ``folder``'s :class:`RunLock` for the whole call in a distributed job (``env``: a
+    :class:`lingua.distributed.DistEnv`). Rank 0 takes it; when it cannot, every rank raises (none
+    is left waiting in a collective)."""
+    from lingua import distributed as D
 
-__all__ = ["LOCK_NAME", "LockHeldError", "RunLock", "disk_full_error", "read_holder"]
+    lock = RunLock(folder, stage) if env.is_main else None
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = e
+    message = D.all_gather_object(None if failure is None else str(failure))[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise LockHeldError(f"rank 0 could not lock the run folder: {message}")
+    with lock if lock is not None else contextlib.nullcontext():
+        yield
+
+
+__all__ = ["LOCK_NAME", "LockHeldError", "RunLock", "disk_full_error", "lock_run_folder", "read_holder"]

@@ -54,11 +54,9 @@ checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -80,10 +78,9 @@ from lingua.checkpoint import (
     restore_rng,
     step_folder,
 )
-from lingua.consolidated import is_complete
+from lingua.consolidated import TOKENIZER_DIR, is_complete, save_tokenizer
 from lingua.data import DataArgs
-from lingua.io import atomic_write_json
-from lingua.locks import LockHeldError, RunLock
+from lingua.locks import lock_run_folder
 from lingua.logger import Progress, close_logger, init_logger
 from lingua.metrics import MetricLogger, memory_stats, mfu, peak_flops, truncate_metrics
 from lingua.optim import build_optimizer, lr_at, set_lr
@@ -94,7 +91,7 @@ from lingua.requeue import (  # noqa: F401  (re-exported)
     TrainingRequeued,
     requeue_signal,
 )
-from lingua.tokenizer import TokenizerArgs, build_tokenizer
+from lingua.tokenizer import build_tokenizer
 from lingua.train_args import (  # noqa: F401  (re-exported: the configs are imported from here)
     CONFIG_CHANGES,
     EVAL_MODES,
@@ -185,7 +182,7 @@ class _Run:
             self.ckpt.keep_steps |= token_steps
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         if env.is_main:
-            _save_tokenizer_copy(self.tokenizer, self.dir / "tokenizer")
+            save_tokenizer(self.tokenizer, self.dir / TOKENIZER_DIR)
         vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else self.tokenizer.vocab_size
         self.margs = dataclasses.replace(cfg.model, vocab_size=vocab)
         _process_seed(cfg.seed, env.rank)
@@ -470,15 +467,6 @@ class _Run:
             self.metrics.close()
 
 
-def _save_tokenizer_copy(tokenizer: Any, tok_dir: Path) -> None:
-    """Copy the tokenizer into the run folder in the layout of a consolidated folder's
-    ``tokenizer/`` (args with a path relative to it), so ``lingua.consolidated.load_tokenizer``
-    reads it from the run folder too."""
-    args = tokenizer.save(tok_dir)
-    rel = None if args.path is None else os.path.relpath(args.path, tok_dir)
-    atomic_write_json(tok_dir / "tokenizer_args.json", to_dict(TokenizerArgs(args.name, rel, args.special_tokens)))
-
-
 def _read_train_state(folder: Path) -> dict:
     return json.loads((folder / "train_state.json").read_text())
 
@@ -493,33 +481,13 @@ def _resolve_shards(configured: int, world: int, saved: dict | None) -> int:
     return shards
 
 
-@contextlib.contextmanager
-def _lock_run_folder(folder: Path, env: D.DistEnv) -> Iterator[None]:
-    """Hold the run folder's lock (:mod:`lingua.locks`) for the whole call. Rank 0 takes it; when
-    it cannot, every rank raises (none is left waiting in a collective)."""
-    lock = RunLock(folder, "train") if env.is_main else None
-    failure = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            failure = e
-    message = D.all_gather_object(None if failure is None else str(failure))[0]
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise LockHeldError(f"rank 0 could not lock the run folder: {message}")
-    with lock if lock is not None else contextlib.nullcontext():
-        yield
-
-
 def train(cfg: TrainArgs, *, format_fn: Any = None, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
     """Train (or resume training) as configured; returns a summary dict (run_dir, step,
     losses by step, final_loss, val and eval results, last checkpoint, consolidated folder)."""
     started_pg = not D.dist.is_initialized()
     with StopSignal() as stop:
         try:
-            with _lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
+            with lock_run_folder(Path(cfg.dump_dir), D.init_distributed(cfg.distributed)):
                 run = None
                 try:
                     run = _Run(cfg, format_fn, eval_hooks, stop)
