@@ -361,6 +361,10 @@ def test_synthetic_tokenizer_is_built_once_and_round_trips(tmp_path, monkeypatch
     assert steps["raw_tokens"] == sum(len(tok.encode(d["text"])) for d in docs) == restate["raw_tokens"]
     assert 0 < steps["latent_tokens"] < restate["latent_tokens"]
     assert steps["augmented_tokens"] > steps["raw_tokens"] + steps["latent_tokens"]
+    # one-sentence chunks put every thought between its question and its answer; 8-sentence ones
+    # (ChunkArgs' default) rarely do
+    aligned = corpus_stats(docs, tok, ChunkArgs(units_per_chunk=1, random=False), "steps")
+    assert aligned["in_place"] == 1.0 and 0.0 < steps["in_place"] < 0.5
 
 
 # --- probe --------------------------------------------------------------------------------------
