@@ -4,7 +4,7 @@
 
 Same model, prompts and shapes as :mod:`benchmarks.generation_throughput` (its ``BenchArgs``).
 Prefills one batch with the engine's own code, then replays the decode loop of
-``Engine._run_batch`` with ``time.perf_counter`` around each part, ``repeats`` times, and prints
+``Engine._decode`` with ``time.perf_counter`` around each part, ``repeats`` times, and prints
 the best repeat's ms per step and each part's share:
 
 * the step outside the model: random-stream uniforms, ``draw`` (log-softmax, argmax, inverse-CDF
@@ -110,7 +110,7 @@ def _forward(model, tokens, positions, attn_mask, cache, pos, clk: _Clock) -> to
 
 
 def _decode(engine: Engine, prompts, params: SamplingParams, clk: _Clock | None):
-    """Prefill (untimed) then the decode loop of ``Engine._run_batch`` for one batch of prompts
+    """Prefill (untimed) then the decode loop of ``Engine._decode`` for one batch of prompts
     without stops (every row runs ``max_new_tokens``); returns (tokens [R, T], seconds, steps)."""
     model, dev = engine.model, engine.device
     width = max(map(len, prompts))

@@ -18,6 +18,7 @@ class EngineStats:
 
     prefill_tokens: int = 0  # tokens run through full-sequence forwards (padding excluded)
     decode_rows: int = 0  # sum over one-token decoding forwards of the rows in the batch
+    decode_steps: int = 0  # one-token decoding forwards (decode_rows / decode_steps: mean batch width)
     generated_tokens: int = 0
     batches: int = 0  # generation / scoring batches run (after splitting by the token budget)
 
@@ -58,17 +59,6 @@ def pack(
             batches.append([item])
             n, a_max, b_max = rows(item), a, b
     return batches
-
-
-def fan_out(cache: list[KVCache], counts: Sequence[int], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Repeat batch row i ``counts[i]`` times in the cache and in each tensor (dim 0)."""
-    if all(c == 1 for c in counts):
-        return tensors
-    device = tensors[0].device if tensors else cache[0].k.device
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    for layer in cache:
-        layer.select(rows)
-    return tuple(t[rows] for t in tensors)
 
 
 def length_buckets(lengths: Sequence[int], max_waste: float = 0.25, min_gap: int = 16) -> list[list[int]]:

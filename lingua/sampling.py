@@ -105,12 +105,17 @@ def stream_key(seed: int, prompt_ids: Sequence[int], sample_index: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def stream_uniforms(keys: Sequence[int], step: int) -> np.ndarray:
-    """The ``step``-th uniform in [0, 1) of each key's SplitMix64 stream, as float64 [len(keys)]."""
+def stream_uniforms(keys: Sequence[int], step: int | Sequence[int]) -> np.ndarray:
+    """The ``step``-th uniform in [0, 1) of each key's SplitMix64 stream, as float64 [len(keys)].
+
+    ``step`` is one step for all keys, or one per key (rows of a continuous batch are at
+    different steps of their own streams)."""
+    steps = [step] * len(keys) if isinstance(step, int) else step
+    if len(steps) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(steps)} steps")
     out = np.empty(len(keys), dtype=np.float64)
-    inc = (step + 1) * _GOLDEN
-    for i, key in enumerate(keys):
-        z = (key + inc) & _MASK64
+    for i, (key, t) in enumerate(zip(keys, steps)):
+        z = (key + (t + 1) * _GOLDEN) & _MASK64
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z ^= z >> 31

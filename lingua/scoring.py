@@ -27,7 +27,6 @@ import torch
 
 from lingua.batching import (
     EngineStats,
-    fan_out,
     left_padded_prefill,
     length_buckets,
     pack,
@@ -163,18 +162,46 @@ def _score_flat(model: Transformer, batch: list, results: list, device: torch.de
 
 
 def _score_shared(model: Transformer, batch: list, results: list, device: torch.device, stats: EngineStats) -> None:
-    """Prefill each context once, fan its cache out to its continuations, run them all at once.
+    """Prefill each context once, copy its cache rows to its continuations, run them on top.
 
     Contexts are prefilled longest first (the order :func:`left_padded_prefill` fills in place).
+    Continuations (E-step joint texts: a latent of 10 to 96 tokens plus its chunk) differ a lot
+    in length, so they are ordered longest first and run in length buckets
+    (:func:`lingua.batching.length_buckets`), each a contiguous block of cache rows: one forward
+    over all of them padded to the longest spent half its compute on padding in an E-step.
     """
     batch = sorted(batch, key=lambda g: -len(g[0]))
     contexts = [ctx for ctx, _ in batch]
-    members = [m for _, ms in batch for m in ms]
+    order = sorted(((g, m) for g, (_, ms) in enumerate(batch) for m in ms), key=lambda gm: -len(gm[1][1]))
+    members = [m for _, m in order]
     width = max(len(c) for c in contexts)
-    span = max(len(cont) for _, cont, _ in members)
-    cache, last, pad = left_padded_prefill(model, contexts, width + span, device)
-    last, pad = fan_out(cache, [len(ms) for _, ms in batch], last, pad)
+    cache, last, pad = left_padded_prefill(model, contexts, width + len(members[0][1]), device)
+    ctx_rows = torch.tensor([g for g, _ in order], device=device)
+    for layer in cache:
+        layer.select(ctx_rows)
+    last, pad = last[ctx_rows], pad[ctx_rows]
+    stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
+    stats.batches += 1
+    first = torch.tensor([cont[0] for _, cont, _ in members], device=device)
+    first_lp, first_greedy = (t.cpu() for t in token_logprobs(last, first))
+    for rows in length_buckets([len(m[1]) for m in members]):  # ascending, contiguous: members are sorted
+        a, b = rows[0], rows[-1] + 1
+        rest_lp, rest_greedy = _continuations(model, members[a:b], [layer.window(slice(a, b), 0) for layer in cache],
+                                              pad[a:b], width, device)  # fmt: skip
+        at = 0
+        for r, (i, cont, dropped) in enumerate(members[a:b], start=a):
+            n = len(cont) - 1
+            lp = torch.cat([first_lp[r : r + 1], rest_lp[at : at + n]])
+            greedy = torch.cat([first_greedy[r : r + 1], rest_greedy[at : at + n]])
+            results[i] = _result(lp, greedy, dropped)
+            at += n
 
+
+def _continuations(model: Transformer, members: list, cache: list, pad: torch.Tensor, width: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs and greedy flags of tokens 1.. of each continuation (flattened, in order), run
+    on top of ``cache`` (its contexts right-aligned at slot ``width``, left pads ``pad``)."""
+    span = max(len(cont) for _, cont, _ in members)
     tokens = torch.zeros(len(members), span, dtype=torch.long)
     for r, (_, cont, _) in enumerate(members):
         tokens[r, : len(cont)] = torch.tensor(cont)
@@ -190,17 +217,8 @@ def _score_shared(model: Transformer, batch: list, results: list, device: torch.
     where = torch.tensor([r * span + p for r, (_, cont, _) in enumerate(members) for p in range(len(cont) - 1)],
                          dtype=torch.long)  # fmt: skip
     rest = torch.tensor([t for _, cont, _ in members for t in cont[1:]], dtype=torch.long, device=device)
+    if len(rest) == 0:  # every continuation is one token long
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
     logits = _logits_at(model, where.to(device), tokens, positions=(width - pad)[:, None] + ar[None],
                         attn_mask=mask, cache=cache, cache_pos=width)  # fmt: skip
-    stats.prefill_tokens += sum(len(c) for c in contexts) + sum(len(m[1]) for m in members)
-    stats.batches += 1
-    first_lp, first_greedy = token_logprobs(last, tokens[:, 0])
-    rest_lp, rest_greedy = token_logprobs(logits, rest)
-    first_lp, first_greedy, rest_lp, rest_greedy = (t.cpu() for t in (first_lp, first_greedy, rest_lp, rest_greedy))
-    at = 0
-    for r, (i, cont, dropped) in enumerate(members):
-        n = len(cont) - 1
-        lp = torch.cat([first_lp[r : r + 1], rest_lp[at : at + n]])
-        greedy = torch.cat([first_greedy[r : r + 1], rest_greedy[at : at + n]])
-        results[i] = _result(lp, greedy, dropped)
-        at += n
+    return tuple(t.cpu() for t in token_logprobs(logits, rest))  # type: ignore[return-value]
