@@ -43,7 +43,8 @@ from lingua.transformer import TransformerArgs, build_model
 PRESETS: dict[str, dict[str, Any]] = {
     "tinyllama": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000, max_seqlen=2048),
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, vocab_size=512, max_seqlen=1024),
-    "tiny": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=300, max_seqlen=256),
+    # head size 32 (dim / n_heads) in every preset: the smallest vLLM's CPU build serves
+    "tiny": dict(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=128, vocab_size=300, max_seqlen=256),
 }
 
 
@@ -87,7 +88,8 @@ def _sync(device: str) -> None:
 def measure(kind: str, ckpt: Path, chunks: list[ChunkInput], cfg: Any, model_vocab: int) -> dict:
     """Build one backend, warm it up, run all chunks; returns the row of the table."""
     device = resolve_device(cfg.device)
-    extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if kind == "vllm" else {}
+    # on vLLM's CPU build gpu_memory_utilization is a share of host memory: the backend sizes the KV cache there
+    extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if kind == "vllm" and device != "cpu" else {}
     backend = build_backend(kind, ckpt, device=device, dtype=cfg.dtype, max_batch_tokens=cfg.max_batch_tokens,
                             raw_logprobs=False, **extra)
     args = PosteriorArgs(num_samples=cfg.num_samples, max_latent_tokens=cfg.max_latent_tokens, seed=0)

