@@ -1,13 +1,18 @@
 """Batched sampling and scoring with a KV cache: the in-process backend behind every model reader.
 
-Batching: continuous, over a :class:`lingua.slot_pool.SlotPool`. Prompts are deduplicated and
-queued longest first; they join the pool as rows free up, and a row leaves as soon as its sample
-ends. Every live row decodes in lockstep (one forward per step, one cache slot for all rows, a
-per-row position offset and key mask), so decoding stays one wide forward per step instead of a
-static batch narrowing to its longest sample: on an E-step (K=4, latents of 10-96 tokens) static
-batches kept 27% of their row-steps busy, and continuous batching needed 1.5x fewer decode
-forwards for the same tokens. ``refill=False`` gives static batches (a batch runs until its last
-row ends), kept for measuring the difference. Prefill runs in length buckets, so padding costs no
+Batching: a :class:`lingua.slot_pool.SlotPool` of KV-cache rows. Prompts are deduplicated and
+queued longest first; every live row decodes in lockstep (one forward per step, one cache slot
+for all rows, a per-row position offset and key mask), and a row leaves as soon as its sample
+ends. With ``refill`` (continuous batching) queued prompts join as rows free up; without it a
+batch runs until its last row ends (static batches). Sampled lengths vary a lot (E-step latents:
+10-96 tokens), so static batches narrow as rows finish: on a CPU E-step (1,029 chunks, K=4) they
+kept 27% of their row-steps busy, and continuous batching ran the same tokens in 2,900 decode
+forwards instead of 4,349 (mean width 30 instead of 20). On this 2-core CPU a decode step's cost
+grows with its rows (2.4 ms at 4 rows, 9.7 at 64, for the demo model), so fewer, wider forwards
+gain nothing and the pool's extra prefills and longer cache cost 7%: static is the CPU default.
+On a GPU a decode step of a small batch costs about the same whatever its rows (kernel launches,
+then weight reads), so fewer forwards is the lever: continuous is the CUDA default (its GPU gain
+is not measured yet; ``bin/gpu_check.sh``). Prefill runs in length buckets, so padding costs no
 prefill compute (:func:`lingua.batching.left_padded_prefill`). Decoding runs on input-major copies
 of the weights (:meth:`Transformer.packed_weights`), which MKL multiplies faster when each step
 has only a few rows.
@@ -141,8 +146,9 @@ class Engine:
 
     ``max_seq_len`` (default ``model.args.max_seqlen``) is the context window: prompts must leave
     room for one token, generation ends with ``"length"`` when a sequence reaches it, and
-    scoring truncates contexts to it. ``refill=False``: static batches instead of continuous
-    batching (same samples; for measurements).
+    scoring truncates contexts to it. ``refill``: continuous batching (True) or static batches
+    (False), the same samples either way; default: continuous on CUDA, static on CPU (module
+    docstring).
     """
 
     def __init__(
@@ -153,7 +159,7 @@ class Engine:
         device: str | torch.device | None = None,
         max_batch_tokens: int = 16384,
         max_seq_len: int | None = None,
-        refill: bool = True,
+        refill: bool | None = None,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -164,7 +170,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch_tokens = max_batch_tokens
         self._max_seq_len = max_seq_len or model.args.max_seqlen
-        self.refill = refill
+        self.refill = self.device.type == "cuda" if refill is None else refill
         self.stats = EngineStats()
 
     @property

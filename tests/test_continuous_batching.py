@@ -38,7 +38,7 @@ def test_refills_give_the_samples_of_static_batches_and_of_single_runs(model, mo
     params = _sampled()
     budget = 6 * (len(TOK.encode(PROMPTS[2], add_bos=True)) + 20 + 10)  # a pool of a few rows
     prompts = [p + suffix for suffix in ("", " 2", " three") for p in PROMPTS]
-    cont = Engine(model, TOK, max_batch_tokens=budget)
+    cont = Engine(model, TOK, max_batch_tokens=budget, refill=True)
     static = Engine(model, TOK, max_batch_tokens=budget, refill=False)
     live_at_join.append([])
     a = cont.generate(prompts, params)
@@ -62,8 +62,9 @@ def test_refills_give_the_samples_of_static_batches_and_of_single_runs(model, mo
 def test_greedy_and_budget_smaller_than_one_prompt(model):
     params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
     many = Engine(model, TOK, max_batch_tokens=1).generate(PROMPTS, params)  # one row at a time
-    wide = Engine(model, TOK).generate(PROMPTS, params)
+    wide = Engine(model, TOK, refill=True).generate(PROMPTS, params)
     assert [s[0].token_ids for s in many] == [s[0].token_ids for s in wide]
+    assert Engine(model, TOK).refill is False  # static batches are the CPU default (measured faster there)
 
 
 def _seq(seed: int, n: int) -> list[int]:

