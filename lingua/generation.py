@@ -4,18 +4,16 @@ Batching: a :class:`lingua.slot_pool.SlotPool` of KV-cache rows. Prompts are ded
 queued longest first; every live row decodes in lockstep (one forward per step, one cache slot
 for all rows, a per-row position offset and key mask), and a row leaves as soon as its sample
 ends. With ``refill`` (continuous batching) queued prompts join as rows free up; without it a
-batch runs until its last row ends (static batches). Sampled lengths vary a lot (E-step latents:
-10-96 tokens), so static batches narrow as rows finish: on a CPU E-step (1,029 chunks, K=4) they
-kept 27% of their row-steps busy, and continuous batching ran the same tokens in 2,900 decode
-forwards instead of 4,349 (mean width 30 instead of 20). On this 2-core CPU a decode step's cost
-grows with its rows (2.4 ms at 4 rows, 9.7 at 64, for the demo model), so fewer, wider forwards
-gain nothing and the pool's extra prefills and longer cache cost 7%: static is the CPU default.
-On a GPU a decode step of a small batch costs about the same whatever its rows (kernel launches,
-then weight reads), so fewer forwards is the lever: continuous is the CUDA default (its GPU gain
-is not measured yet; ``bin/gpu_check.sh``). Prefill runs in length buckets, so padding costs no
-prefill compute (:func:`lingua.batching.left_padded_prefill`). Decoding runs on input-major copies
-of the weights (:meth:`Transformer.packed_weights`), which MKL multiplies faster when each step
-has only a few rows.
+batch runs until its last row ends (static batches). Sampled lengths vary a lot, so static
+batches narrow as rows finish and continuous batching needs fewer decode forwards for the same
+tokens (a third fewer on a CPU E-step). On this project's 2-core CPU a decode step's cost grows
+with its rows, so that saved nothing and the pool's extra prefills cost 7%: static is the CPU
+default. On a GPU a small batch's decode step costs about the same whatever its rows, so
+continuous is the CUDA default (its gain there is not measured yet). Measurements and commands:
+docs/estep.md, "Batching". Prefill runs in length buckets, so padding costs no prefill compute
+(:func:`lingua.batching.left_padded_prefill`). Decoding runs on input-major copies of the weights
+(:meth:`Transformer.packed_weights`), which MKL multiplies faster when each step has only a few
+rows.
 
 Sharing: a prompt is prefilled once, then its cache rows are copied to its ``n`` samples (and
 to repeats of the same prompt in the call). :meth:`Engine.score` groups pairs whose context is
@@ -193,9 +191,9 @@ class Engine:
         # multiplies whole sequences, where the layout gains little and the copy would dominate
         # small calls)
         with self.model.packed_weights(), varying_shape_attention(self.device):
-            works = self._work(prompts, params)
-            for row in self._decode(works, params) if works else []:
-                results[row.slot[0]][row.slot[1]] = self._finish(row, params, self._stop_ids(params))
+            works, stops = self._work(prompts, params), self._stop_ids(params)
+            for row in self._decode(works, params, stops) if works else []:
+                results[row.slot[0]][row.slot[1]] = self._finish(row, params, stops)
         return results  # type: ignore[return-value]
 
     def _encode_prompt(self, prompt: Prompt, add_bos: bool, index: int) -> list[int]:
@@ -241,16 +239,16 @@ class Engine:
         cache_len = width + max_new + (int(HEADROOM * max_new) if self.refill else 0)
         return SlotPool(self.model, max(1, self.max_batch_tokens // cache_len), cache_len, self.device)
 
-    def _decode(self, works: list[_Work], params: SamplingParams) -> list[_Row]:
-        """Continuous batching over a :class:`SlotPool`: prompts (longest first) join as rows
-        free up, every live row decodes one token per step, finished rows leave at once."""
+    def _decode(self, works: list[_Work], params: SamplingParams, stops: set[int]) -> list[_Row]:
+        """Decode every sample over a :class:`SlotPool`: prompts join longest first (as rows free
+        up with ``refill``, else once the pool is empty), every live row decodes one token per
+        step, and finished rows leave at once."""
         dev = self.device
         pool = self._pool(works)
         queue: deque[_Work] = deque()
         for w in sorted(works, key=lambda w: -len(w.ids)):  # a prompt's samples may fill the pool
             for s in range(0, len(w.samples), pool.capacity):
                 queue.append(_Work(w.ids, w.samples[s : s + pool.capacity], w.max_new))
-        stops = self._stop_ids(params)
         rows: list[_Row] = []
         logits = torch.empty(0, device=dev)
         done: list[_Row] = []

@@ -12,8 +12,8 @@ slots ``[pad[r], pos]`` through an additive key mask; its token positions are ``
 A joining prompt of ``L`` tokens is prefilled apart (:func:`lingua.batching.left_padded_prefill`,
 in length buckets, with one prefill per prompt shared by all its samples) and copied into slots
 ``[pos - L, pos)`` of its rows, so its first generated token lands at ``pos`` like everyone
-else's. That needs ``pos >= L`` (callers queue prompts longest first, so it holds but after a
-shift) and ``pos + max_new <= cache_len``. When the slots after ``pos`` run short, every row is
+else's. That needs ``pos >= L`` (callers queue prompts longest first, and a shift never moves
+``pos`` below a joining prompt's length) and ``pos + max_new <= cache_len``. When the slots after ``pos`` run short, every row is
 shifted left by as much as the rows' pads allow (:meth:`_shift`: one copy of the used slots); if
 that is not enough the prompt waits until old rows finish, and an empty pool takes any prompt
 that fits the cache at all.
@@ -54,12 +54,13 @@ class SlotPool:
 
     def can_admit(self, width: int, max_new: int) -> bool:
         """Whether prompts of at most ``width`` tokens that generate at most ``max_new`` fit now."""
-        if self.n == 0:
-            return width + max_new <= self.cache_len
         return self._shift_for(width, max_new) is not None
 
     def _shift_for(self, width: int, max_new: int) -> int | None:
-        """Slots to shift every row left by before such prompts join, or None if none works."""
+        """Slots to shift every row left by before such prompts join (0 for an empty pool, whose
+        prompts start at slot 0), or None if they cannot join now."""
+        if self.n == 0:
+            return 0 if width + max_new <= self.cache_len else None
         most = min(int(self.pad.min()), self.pos - width)  # keep every row's tokens; room for the prompt
         need = max(0, self.pos + max_new - self.cache_len)
         if most < need:
@@ -74,14 +75,13 @@ class SlotPool:
         rows = sum(counts)
         if rows > self.free:
             raise ValueError(f"{rows} rows do not fit the {self.free} free rows of the pool")
-        if not self.can_admit(width, max_new):
+        shift = self._shift_for(width, max_new)
+        if shift is None:
             raise ValueError(f"prompts of {width} tokens with {max_new} new tokens do not fit the cache now")
         if self.n == 0:
             self.pos = width
-        else:
-            shift = self._shift_for(width, max_new)
-            if shift:
-                self._shift(shift)
+        elif shift:
+            self._shift(shift)
         sub, logits, sub_pad = left_padded_prefill(self.model, prompts, width, self.device)
         index = torch.repeat_interleave(torch.arange(len(prompts), device=self.device),
                                         torch.tensor(list(counts), device=self.device))  # fmt: skip
@@ -97,10 +97,10 @@ class SlotPool:
     def drop(self, keep: Sequence[int]) -> None:
         """Keep only live rows ``keep`` (ascending), which move down to ``[0, len(keep))``."""
         for layer in self.cache:
-            layer.keep(keep, self.pos)
-        self.pad = self.pad[torch.tensor(list(keep), dtype=torch.long, device=self.device)]
+            layer.keep(keep, self.pos)  # moves rows within the whole buffers, leaves views [:len(keep)]
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        self.pad, self._bias = self.pad[index], self._bias[index]
         self.n = len(keep)
-        self._views()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode forward of token ``tokens[r]`` for every live row at slot ``pos``; returns
