@@ -11,7 +11,7 @@ import pytest
 from apps.bolt import em
 from apps.bolt.em_exec import SlurmArgs, SlurmStages
 from lingua.args import load_config
-from lingua.launch import JobFailure, JobsFailed
+from lingua.jobs import JobFailure, JobsFailed
 from tests.test_em import TINY
 
 CONFIGS = Path(__file__).parents[1] / "apps" / "bolt" / "configs"

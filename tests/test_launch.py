@@ -63,7 +63,8 @@ def _shard_module(tmp_path, monkeypatch):
 
 
 def test_local_cluster_jobs_wait_and_report_failures_with_logs(tmp_path, monkeypatch, capsys):
-    from lingua.launch import attach_jobs, job_alive, submit_jobs, wait_jobs
+    from lingua.jobs import attach_jobs, job_alive, wait_jobs
+    from lingua.launch import submit_jobs
 
     _shard_module(tmp_path, monkeypatch)
     a = _args(mode="launch", cluster="local", module="jobmod", shards=3, log_dir=tmp_path / "logs", job_name="arr",
@@ -91,7 +92,8 @@ def test_local_cluster_jobs_wait_and_report_failures_with_logs(tmp_path, monkeyp
 
 
 def test_a_live_job_is_seen_alive_from_its_id_alone(tmp_path, monkeypatch):
-    from lingua.launch import attach_jobs, job_alive, submit_jobs, wait_jobs
+    from lingua.jobs import attach_jobs, job_alive, wait_jobs
+    from lingua.launch import submit_jobs
 
     _shard_module(tmp_path, monkeypatch)
     a = _args(mode="launch", cluster="local", module="jobmod", log_dir=tmp_path / "logs", job_name="slow")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingua import launch
+from lingua import jobs, launch
 from lingua.checkpoint import list_checkpoints, load_model
 from lingua.trainer import EXIT_REQUEUE, requeue_signal
 from tests.test_trainer import DEBUG_YAML, overrides, write_corpus
@@ -133,7 +133,7 @@ def test_submitit_job_is_requeued_on_the_signal_and_resumes(corpus, reference, t
     tasks = [p for p in launch._child_pids(int(job.job_id)) if p != int(job.job_id)]
     assert len(tasks) == 1
     os.kill(tasks[0], signal.SIGUSR2)
-    assert launch.wait_jobs([job], poll_s=0.2) == []
+    assert jobs.wait_jobs([job], poll_s=0.2) == []
     log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
     assert "Requeued job" in log
     steps = _logged_steps(run_dir)

@@ -330,7 +330,7 @@ class SlurmStages:
             raise RuntimeError(f"{stage}: its jobs succeeded but {what}; see the logs in {Path(a.log_dir) / a.job_name}")
 
     def _wait(self, stage: str, jobs: list) -> None:
-        from lingua.launch import JobsFailed
+        from lingua.jobs import JobsFailed
 
         failures = self.jobs.wait_jobs(jobs, self.args.poll_s, log=lambda m: logger.info("[em] %s: %s", stage, m))
         if failures:

@@ -115,7 +115,8 @@ def _run_local(configs: dict[str, FinetuneArgs]) -> list[str]:
 
 
 def _run_slurm(cfg: SweepArgs, configs: dict[str, FinetuneArgs]) -> list[str]:
-    from lingua.launch import LaunchArgs, attach_jobs, job_alive, stage_command, submit_jobs, wait_jobs
+    from lingua.jobs import attach_jobs, job_alive, wait_jobs
+    from lingua.launch import LaunchArgs, stage_command, submit_jobs
 
     out, s = Path(cfg.out), cfg.slurm
     la = LaunchArgs(mode="launch", module="apps.bolt.finetune", job_name="finetune", log_dir=s.log_dir or str(out / "slurm"),
