@@ -1,6 +1,17 @@
 """The training run's configuration (:class:`TrainArgs` and its ``eval`` / ``val`` sections) and
 what may change when a run resumes (:func:`check_resume_config`). The loop is
-:mod:`lingua.trainer`, which re-exports these names."""
+:mod:`lingua.trainer`, which re-exports these names.
+
+Resuming with other settings: the resumed checkpoint's ``config.yaml`` is compared with the new
+config. Keys that only change how the run is watched or executed may change freely
+(``TrainArgs.RESUME_SAFE``: name, dump_dir, stop_at_step, log_freq, ``eval.*``, evals, ``val.*``,
+``checkpoint.*``, ``logging.*``, ``distributed.*`` (data shards are checked on their own),
+data prefetching). Any other change (learning rate, schedule, steps or
+token budget, batch, data, model, tokenizer, seeds, layout) alters the run from there on, so it is
+refused with one line listing the keys, unless ``checkpoint.allow_config_change=true``: then it is
+appended to ``config_changes.jsonl`` (step, old and new values) and the config that trained up to
+that step is kept as ``config.<step>.yaml``.
+"""
 
 from __future__ import annotations
 

@@ -31,15 +31,8 @@ run killed in between evaluates that step when it resumes. With ``eval.mode=laun
 hand the checkpoint to a separate job (every evaluation step then saves one), and the record stays
 until that job has written its result and dropped it.
 
-Resuming with other settings: the resumed checkpoint's ``config.yaml`` is compared with the new
-config. Keys that only change how the run is watched or executed may change freely
-(``TrainArgs.RESUME_SAFE``: name, dump_dir, stop_at_step, log_freq, ``eval.*``, evals, ``val.*``,
-``checkpoint.*``, ``logging.*``, ``distributed.*`` (data shards are checked on their own),
-data prefetching). Any other change (learning rate, schedule, steps or
-token budget, batch, data, model, tokenizer, seeds, layout) alters the run from there on, so it is
-refused with one line listing the keys, unless ``checkpoint.allow_config_change=true``: then it is
-appended to ``config_changes.jsonl`` (step, old and new values) and the config that trained up to
-that step is kept as ``config.<step>.yaml``.
+Resuming with other settings: what may change, and what is refused or recorded, is
+:func:`lingua.train_args.check_resume_config`'s (its module docstring).
 
 Time limits (requeue): on the scheduler's warning signal (``SIGUSR2``, or the signal named by
 ``SUBMITIT_PREEMPT_SIGNAL``, the variable submitit itself reads; ``none`` turns this off) the run
