@@ -51,9 +51,12 @@ from lingua.tokenizer import (
     build_tokenizer,
 )
 from lingua.hf_tokenizer import write_hf_tokenizer
+from lingua.locks import RunLock
 from lingua.transformer import RopeScaling, Transformer, TransformerArgs
 
 NEW_ROW_NOISE = 0.02  # noise std of added rows, relative to the std of the existing rows
+EXPORT_WAIT_S = 1800.0  # how long a concurrent exporter waits for the one exporting (a 1.1B export: minutes)
+EXPORT_POLL_S = 2.0
 GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0}  # neutral: callers choose
 
 _LAYER_MAP = {
@@ -331,17 +334,35 @@ def export_hf(
     tokenizer_config.json, for serving the export through an OpenAI-compatible chat endpoint;
     None: no template (completion endpoints only).
 
-    Skips the work when ``out_dir`` is already complete for the same source and options."""
-    from safetensors.torch import save_file
-
+    Skips the work when ``out_dir`` is already complete for the same source and options. Processes
+    exporting to one ``out_dir`` at once (the shards of a vLLM E-step, started together) take
+    turns through a lock file beside it (``<out_dir>.lock``, waited for up to
+    ``EXPORT_WAIT_S``): one exports, the others find the export complete."""
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     source = fingerprint(ckpt)
     template_hash = None if chat_template is None else hashlib.sha256(chat_template.encode()).hexdigest()[:16]
-    if is_done(out) and not overwrite:
-        done = json.loads((out / DONE_MARKER).read_text())
-        same = (done.get("source_fingerprint"), done.get("dtype"), done.get("chat_template_sha256"))
-        if same == (source, dtype, template_hash):
+    wanted = (source, dtype, template_hash)
+    if not overwrite and _exported(out, wanted):
+        return out
+    with RunLock.beside(out, "HF export").acquire(wait_s=EXPORT_WAIT_S, poll_s=EXPORT_POLL_S):
+        if not overwrite and _exported(out, wanted):  # done by the process we waited for
             return out
+        _write_export(ckpt, out, dtype, chat_template, wanted)
+    return out
+
+
+def _exported(out: Path, wanted: tuple) -> bool:
+    """``out`` is a complete export of (source fingerprint, dtype, chat template hash)."""
+    if not is_done(out):
+        return False
+    done = json.loads((out / DONE_MARKER).read_text())
+    return (done.get("source_fingerprint"), done.get("dtype"), done.get("chat_template_sha256")) == wanted
+
+
+def _write_export(ckpt: Path, out: Path, dtype: str, chat_template: Optional[str], wanted: tuple) -> None:
+    from safetensors.torch import save_file
+
+    source, _, template_hash = wanted
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE_MARKER).unlink(missing_ok=True)
     model, tokenizer = load_consolidated(ckpt)
@@ -377,7 +398,6 @@ def export_hf(
         "extra": extra,
     }
     mark_done(out, info)
-    return out
 
 
 def model_card(

@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -147,9 +148,22 @@ class RunLock:
         return cls(path.parent, what, f"{path.stem}.lock")
 
     # ------------------------------------------------------------------------------ public
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> "RunLock":
+        """Take the lock; ``wait_s`` > 0: while another process holds it, retry every ``poll_s``
+        seconds for up to ``wait_s`` seconds before raising :class:`LockHeldError` (for work that
+        concurrent jobs should do once, e.g. one HF export read by many E-step shards)."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire_once()
+            except LockHeldError:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+
+    def _acquire_once(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(100):  # retried when the file vanished or was replaced between two steps
             try:

@@ -247,6 +247,15 @@ def finish(
 # the backend
 
 
+def export_for_vllm(ckpt: str | os.PathLike, dtype: str, export_dir: str | os.PathLike | None = None) -> Path:
+    """The HF export vLLM serves ``ckpt`` from: ``export_dir``, default ``CKPT/hf_export_<dtype>``,
+    written once (:func:`lingua.hf.export_hf`: reused when complete, concurrent callers take
+    turns). Needs no vLLM, so a job driver can write it before submitting the jobs that read it."""
+    from lingua.hf import export_hf
+
+    return export_hf(ckpt, export_dir or Path(ckpt) / f"hf_export_{dtype}", dtype=dtype)
+
+
 @dataclass
 class _Sample:
     slot: tuple[int, int]  # (prompt index, sample j) in the output
@@ -318,13 +327,11 @@ class VllmBackend:
         """Export ``ckpt`` to ``export_dir`` (default ``CKPT/hf_export_<dtype>``; reused when
         complete for the same weights) and serve it; the tokenizer is the checkpoint's own."""
         from lingua.consolidated import load_tokenizer
-        from lingua.hf import export_hf
 
         vllm = import_vllm()  # fail before a multi-GB export when vllm is missing or serves another device
         if kwargs.get("llm") is None:
             check_device(kwargs.get("device", "auto"), vllm)
-        hf_dir = export_hf(ckpt, export_dir or Path(ckpt) / f"hf_export_{dtype}", dtype=dtype)
-        return cls(hf_dir, load_tokenizer(ckpt), dtype=dtype, **kwargs)
+        return cls(export_for_vllm(ckpt, dtype, export_dir), load_tokenizer(ckpt), dtype=dtype, **kwargs)
 
     @property
     def tokenizer(self) -> Any:
@@ -472,6 +479,7 @@ __all__ = [
     "check_device",
     "cpu_kv_cache_bytes",
     "cut_at_stop",
+    "export_for_vllm",
     "finish",
     "import_vllm",
     "positions_logprobs",

@@ -156,3 +156,42 @@ def test_finetune_eval_adds_its_columns(em_run):
     assert lines[0]["finetune_accuracy"] == got["finetune_accuracy"]
     assert lines[0]["finetune_accuracy_se"] == pytest.approx(got["finetune_accuracy_se"])
     assert "finetuned accuracy" in format_table(lines) and "finetuned accuracy" not in format_table(aggregate([row]))
+
+
+def test_model_eval_computes_every_metric_with_the_configured_backend(em_run, monkeypatch, tmp_path):
+    """em_eval builds one backend from ``tasks.backend`` (vLLM in the cluster configs) and takes
+    accuracy, NLL and ELBO from it; here the vLLM request is recorded and served by the engine,
+    so the metrics must equal the driver's own evaluation of the same model."""
+    import dataclasses
+
+    from apps.bolt import em_eval
+    from lingua import backends
+
+    _, cfg, _ = em_run
+    done = Path(cfg.dump_dir) / "evals" / "iter1_t0"
+    saved = load_config(em_eval.ModelEvalArgs, done / "config.yaml")
+    asked, real = [], backends.build_backend
+
+    def recording(kind, ckpt, **kw):
+        asked.append((kind, str(ckpt)))
+        return real("engine", ckpt, **kw)
+
+    monkeypatch.setattr(backends, "build_backend", recording)
+    tasks = dataclasses.replace(saved.tasks, backend="vllm", out_dir="")
+    again = em_eval.evaluate_model(dataclasses.replace(saved, tasks=tasks, out=str(tmp_path / "again")))
+    assert asked == [("vllm", saved.ckpt)]  # one backend, the configured kind, for every metric
+    first = json.loads((done / em_eval.RESULT).read_text())
+    for key in (em_eval.ACCURACY, em_eval.NLL, "elbo_1_per_token", "elbo_2_per_token"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6), key
+
+
+def test_vllm_stages_need_vllm_installed_before_anything_runs(monkeypatch):
+    import importlib.util
+
+    from lingua.args import ConfigError
+
+    em.check_backends_installed({"estep.backend": "engine", "eval.backend": "engine"})  # nothing to check
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"estep.backend, eval.backend: vllm, which is not installed"):
+        em.check_backends_installed({"eval.backend": "vllm", "estep.backend": "vllm"})
+    em.check_backends_installed({"estep.backend": "engine"})

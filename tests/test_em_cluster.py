@@ -273,6 +273,7 @@ def test_finemath_cluster_config_resolves_to_the_reference_setup(tmp_path):
     assert (e.chunk.prefix_chunks, e.chunk.units_per_chunk, e.src) == (3, 8, str(tmp_path / "data" / "bootstrap"))
     assert (s.estep.shards, s.estep.gpus_per_shard, s.eval.gpus_per_node) == (200, 1, 1)
     ev = d.eval_config("iter1_t0", "MODEL", latent=True)
+    assert (e.backend, e.dtype, ev.tasks.backend) == ("vllm", "bfloat16", "vllm")  # as the reference, on GPUs
     assert (ev.tasks.task_list(), ev.tasks.data_root, ev.tasks.variant) == (["gsm8k_cot", "hendrycks_math_cot"], "", "latent")
     prep = load_config(PrepareArgs, cfg.prepare.config, [*cfg.prepare.overrides, f"out_dir={tmp_path}"])
     assert [prep.val.name, *(x.name for x in prep.subsets)] == ["validation", "warmstart", "bootstrap"]

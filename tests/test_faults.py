@@ -133,6 +133,25 @@ def test_second_lock_is_refused_naming_the_holder_and_released_on_exit(tmp_path)
         pass
 
 
+def test_a_waiting_lock_is_taken_when_the_holder_releases_and_refused_after_its_wait(tmp_path):
+    import threading
+    import time
+
+    folder = tmp_path / "export"
+    first = RunLock(folder, "HF export").acquire()
+    threading.Timer(0.3, first.release).start()
+    t0 = time.monotonic()
+    second = RunLock(folder, "HF export, shard 2").acquire(wait_s=30, poll_s=0.05)
+    waited = time.monotonic() - t0
+    assert 0.25 < waited < 10 and read_holder(second.path)["what"] == "HF export, shard 2"
+    second.release()
+    with RunLock(folder, "HF export"):
+        t0 = time.monotonic()
+        with pytest.raises(LockHeldError, match="in use by HF export"):
+            RunLock(folder, "late").acquire(wait_s=0.2, poll_s=0.05)
+        assert time.monotonic() - t0 >= 0.2
+
+
 def test_without_flock_an_exclusive_file_is_used_and_dead_holders_are_cleared(tmp_path, monkeypatch):
     import fcntl
 

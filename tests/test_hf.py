@@ -175,6 +175,40 @@ def test_export_is_idempotent_and_reads_bin_weights(hf_folders, tmp_path):
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
 
+def test_concurrent_exports_to_one_folder_write_it_once(hf_folders, tmp_path, monkeypatch):
+    """The shards of a vLLM E-step start together and export the same checkpoint: one writes,
+    the others wait on the lock beside the folder and reuse the complete export."""
+    import threading
+    import time
+
+    from lingua import hf
+    from lingua.io import is_done
+
+    src, _ = hf_folders["gqa_untied"]
+    ckpt = import_hf(src, tmp_path / "ckpt")
+    writes, real = [], hf._write_export
+
+    def slow_write(*args):
+        writes.append(threading.current_thread().name)
+        time.sleep(0.3)  # long enough for every other thread to find the lock held
+        real(*args)
+
+    monkeypatch.setattr(hf, "_write_export", slow_write)
+    monkeypatch.setattr(hf, "EXPORT_POLL_S", 0.05)
+    results: dict[str, Path] = {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: export_hf(ckpt, tmp_path / "hf", dtype="bfloat16")}),
+                                name=f"shard{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 1 and sorted(results) == list(range(4)) and set(results.values()) == {tmp_path / "hf"}
+    assert is_done(tmp_path / "hf") and not (tmp_path / "hf.lock").exists()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    export_hf(ckpt, tmp_path / "hf", dtype="float32")  # other options: exported again, under the lock
+    assert len(writes) == 2
+
+
 def test_cli_import_export(hf_folders, tmp_path, capsys):
     src, _ = hf_folders["mha_tied"]
     assert list(latent_tokens()) == LATENT  # the app's strings, in the documented order

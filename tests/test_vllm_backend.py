@@ -19,11 +19,13 @@ backends draw different random numbers, so they agree in distribution only).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +470,59 @@ def test_estep_log_weights_agree_between_backends(real):
     print(f"vllm on {REAL_DEVICE}: mean log w engine {lw['engine'].mean():.3f}, vllm {lw['vllm'].mean():.3f}, "
           f"gap {gap:.3f} (4 SE = {4 * se:.3f})")
     assert gap < 4 * se, f"mean log w: engine {lw['engine'].mean():.3f}, vllm {lw['vllm'].mean():.3f} (4 SE = {4 * se:.3f})"
+
+
+@real_vllm
+def test_evaluation_through_vllm_equals_the_engine(real, tmp_path):
+    """The evaluation stages on vLLM (the cluster configs' choice): the few-shot harness generates
+    greedily, so its samples and scores equal the engine's; held-out NLL agrees within tolerance."""
+    from apps.bolt.eval import EvalArgs, run
+    from apps.bolt.evaluation.in_training import ValidationNLL
+    from apps.bolt.evaluation.options import HarnessOptions
+
+    assets = Path(__file__).parent / "assets" / "eval_data"
+    backend, engine = real
+    summaries, samples, nll = {}, {}, {}
+    for name, b in (("vllm", backend), ("engine", engine)):
+        cfg = EvalArgs(tasks="gsm8k_cot", variant="raw", data_root=str(assets), out_dir=str(tmp_path / name),
+                       metrics_file="none", harness=HarnessOptions(max_gen_tokens=16))
+        summaries[name] = run(cfg, backend=b)["summary"]
+        samples[name] = [json.loads(x)["resps"] for x in (tmp_path / name / "samples_seed0.jsonl").read_text().splitlines()]
+        docs = ["Natalia sold clips to 48 of her friends in April.", "What is 15% of 80? It is 12."]
+        nll[name] = ValidationNLL(docs, backend.tokenizer).compute(b)
+    assert samples["vllm"] == samples["engine"] and len(samples["vllm"]) == 8  # every problem of the asset
+    assert summaries["vllm"] == summaries["engine"]
+    for key, value in nll["engine"].items():
+        assert nll["vllm"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_slurm_estep_exports_once_in_the_driver_before_submitting_its_shards(tiny, tmp_path):
+    """With ``backend=vllm`` the EM driver writes the HF export before the E-step jobs start, so
+    no shard exports (or waits for another shard's export) on its GPU."""
+    import dataclasses
+    import shutil
+
+    from apps.bolt.em_exec import SlurmArgs, SlurmStages
+    from apps.bolt.estep import EStepArgs
+    from lingua.io import is_done
+
+    ckpt = shutil.copytree(tiny[0], tmp_path / "model")
+
+    class Submitted(Exception):
+        pass
+
+    seen = []
+
+    def at_submit(stage, a, argv, todo):
+        seen.append((stage, is_done(ckpt / "hf_export_float32"), todo()))
+        raise Submitted
+
+    stages = SlurmStages(tmp_path / "em", dataclasses.replace(SlurmArgs(), partition="gpu"))
+    stages._run = at_submit
+    cfg = EStepArgs(ckpt=str(ckpt), src=str(tmp_path / "raw"), out=str(tmp_path / "latents"), backend="vllm", dtype="float32")
+    with pytest.raises(Submitted):
+        stages.estep("iter1", cfg)
+    assert seen == [("estep:iter1", True, list(range(SlurmArgs().estep.shards)))]
+    with pytest.raises(Submitted):  # the engine needs no export
+        stages.estep("iter1_engine", dataclasses.replace(cfg, backend="engine", dtype="bfloat16"))
+    assert seen[-1][1] is True and not (ckpt / "hf_export_bfloat16").exists()

@@ -50,6 +50,18 @@ from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
 logger = logging.getLogger("apps.bolt.em")
 
+def check_backends_installed(backends: dict[str, str]) -> None:
+    """Stages whose ``backend`` is vLLM need it installed (the jobs run in the driver's
+    environment, ``slurm.setup`` aside): fail before the first stage, not at the first E-step."""
+    import importlib.util
+
+    wanting = sorted(key for key, kind in backends.items() if kind == "vllm")
+    if wanting and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{', '.join(wanting)}: vllm, which is not installed here. Install it "
+                          "(pip install -e \".[vllm]\") or run those stages on the in-process engine "
+                          "(e.g. estep.overrides=[backend=engine] eval.overrides=[backend=engine])")
+
+
 class EMDriver:
     """Runs the stages in order; every stage is a method that skips itself when complete."""
 
@@ -148,12 +160,14 @@ class EMDriver:
             self.base_train_config(Path("unused"))
         self.train_config("check", "warmstart_latents", "random", c.warmstart_tokens, 0, c.base_ckpt)
         self.train_config("check", self.bootstrap_name, "raw", c.mstep_tokens, 0, c.base_ckpt)
-        for k in [None, *c.k_ablation]:
+        backends = {"estep.backend": self.estep_config("check", "unused").backend}
+        for k in c.k_ablation:
             self.estep_config("check", "unused", k)
         for latent in (True, False):
-            self.eval_config("check", "unused", latent)
+            backends["eval.backend"] = self.eval_config("check", "unused", latent).tasks.backend
         if c.finetune_eval:
             self.finetune_config("check", "unused")
+        check_backends_installed(backends)
 
     @property
     def bootstrap_name(self) -> str:

@@ -7,7 +7,9 @@ The config is written by the driver, fully resolved (:meth:`apps.bolt.em.EMDrive
 Per model: accuracy on the few-shot tasks (the latent variant for latent-trained models: they
 write their own thought before answering; the raw variant for raw baselines), validation NLL per
 raw token and per character on held-out raw documents (positive; lower is better), and for
-latent models the n-sample ELBO per raw token (log-likelihood scale; higher is better).
+latent models the n-sample ELBO per raw token (log-likelihood scale; higher is better). All of
+them are computed by the backend ``tasks.backend`` names (:mod:`lingua.backends`: the in-process
+engine, or vLLM, the cluster configs' choice on GPUs).
 Writes ``OUT/result.json`` and then the ``OUT/COMPLETE`` marker; a complete folder is not redone.
 """
 
@@ -118,14 +120,14 @@ def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
     from apps.bolt import eval as eval_stage
     from apps.bolt.posterior import compute_elbo
     from apps.bolt.evaluation.in_training import ValidationNLL, load_documents
-    from lingua.consolidated import load_consolidated
-    from lingua.generation import Engine
+    from lingua.backends import build_backend
 
-    model, tok = load_consolidated(cfg.ckpt, device=cfg.device)
-    engine = Engine(model, tok, max_batch_tokens=cfg.tasks.max_batch_tokens)
+    # one backend serves every metric: the tasks' choice (engine, or vLLM on a cluster)
+    backend = build_backend(cfg.tasks.backend, cfg.ckpt, device=cfg.device, max_batch_tokens=cfg.tasks.max_batch_tokens)
+    tok = backend.tokenizer
     if not cfg.tasks.out_dir:
         cfg.tasks.out_dir = str(Path(cfg.out) / "tasks")
-    summary = eval_stage.run(cfg.tasks, backend=engine)
+    summary = eval_stage.run(cfg.tasks, backend=backend)
     by_task = task_accuracy(summary, cfg.tasks.task_list())
     out: dict[str, Any] = {
         "ckpt": cfg.ckpt, "variant": summary.get("variant"),
@@ -133,11 +135,11 @@ def evaluate_model(cfg: ModelEvalArgs) -> dict[str, Any]:
     }
     out.update(sample_stats(Path(cfg.tasks.out_dir)))
     docs = load_documents(Path(cfg.val_dir), cfg.val_docs)
-    nll = ValidationNLL(docs, tok, source="validation").compute(engine)
+    nll = ValidationNLL(docs, tok, source="validation").compute(backend)
     out[NLL] = nll["val/validation/nll_per_token"]
     out["val_nll_per_char"] = nll["val/validation/nll_per_char"]
     if cfg.latent and cfg.elbo_docs:
-        elbo = compute_elbo(engine, docs[: cfg.elbo_docs], elbo_samples=cfg.elbo_samples, seed=0,
+        elbo = compute_elbo(backend, docs[: cfg.elbo_docs], elbo_samples=cfg.elbo_samples, seed=0,
                             max_latent_tokens=cfg.max_latent_tokens, chunk=cfg.chunk)
         out.update({k: v for k, v in elbo.items() if k.endswith("per_token")})
     logger.info("[em] eval %s: %s", cfg.name, {k: v for k, v in out.items() if k != "ckpt"})

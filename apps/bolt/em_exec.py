@@ -246,6 +246,11 @@ class SlurmStages:
         def missing() -> list[int]:
             return [i for i in range(e.shards) if not estep_shard_done(cfg.out, i, e.shards)]
 
+        if cfg.backend == "vllm" and missing():  # export here once, rather than in a shard while the others wait
+            from lingua.vllm_backend import export_for_vllm
+
+            logger.info("[em] estep:%s: exporting %s for vLLM (%s)", name, cfg.ckpt, cfg.dtype)
+            export_for_vllm(cfg.ckpt, cfg.dtype)
         self._run(f"estep:{name}", a, [f"config={path}"], missing)
         logger.info("[em] estep:%s: merging %d shards here", name, e.shards)
         estep.run(dataclasses.replace(shard_cfg, action="merge"))
