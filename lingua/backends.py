@@ -24,6 +24,21 @@ def check_backend(kind: str, field: str = "backend") -> None:
         raise ValueError(f"{field} must be one of {' | '.join(BACKENDS)}, got {kind!r}")
 
 
+def require_installed(choices: dict[str, str], switch: str = "backend=engine") -> None:
+    """Before any work: ``choices`` maps config fields to backend names (``{"estep.backend":
+    "vllm"}``); fields that name vLLM need it importable here (jobs run in this environment,
+    launcher setup lines aside), else one :class:`~lingua.args.ConfigError` names the fields, the
+    install command and ``switch``, the override that moves them to the engine."""
+    import importlib.util
+
+    from lingua.args import ConfigError
+
+    wanting = sorted(key for key, kind in choices.items() if kind == "vllm")
+    if wanting and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{', '.join(wanting)}: vllm, which is not installed here. Install it "
+                          f"(pip install -e \".[vllm]\") or run them on the in-process engine ({switch})")
+
+
 def resolve_device(device: str) -> str:
     """``auto``: CUDA when available, else CPU; anything else as given."""
     return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,4 +81,4 @@ def build_backend(
     return Engine(model, tokenizer, device=dev, max_batch_tokens=max_batch_tokens)
 
 
-__all__ = ["BACKENDS", "build_backend", "check_backend", "resolve_device"]
+__all__ = ["BACKENDS", "build_backend", "check_backend", "require_installed", "resolve_device"]

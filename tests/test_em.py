@@ -185,13 +185,18 @@ def test_model_eval_computes_every_metric_with_the_configured_backend(em_run, mo
         assert again[key] == pytest.approx(first[key], rel=1e-6), key
 
 
-def test_vllm_stages_need_vllm_installed_before_anything_runs(monkeypatch):
+def test_vllm_stages_need_vllm_installed_before_anything_runs(monkeypatch, tmp_path):
     import importlib.util
 
     from lingua.args import ConfigError
+    from lingua.backends import require_installed
 
-    em.check_backends_installed({"estep.backend": "engine", "eval.backend": "engine"})  # nothing to check
+    require_installed({"estep.backend": "engine", "eval.backend": "engine"})  # nothing to check
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ConfigError, match=r"estep.backend, eval.backend: vllm, which is not installed"):
-        em.check_backends_installed({"eval.backend": "vllm", "estep.backend": "vllm"})
-    em.check_backends_installed({"estep.backend": "engine"})
+    require_installed({"estep.backend": "engine"})
+    # the cluster config asks vLLM for both: the driver stops before its first stage
+    cfg = load_config(em.EMArgs, "apps/bolt/configs/em_finemath.yaml", [f"dump_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"estep.backend, eval.backend: vllm, which is not installed.*"
+                                          r"estep.overrides=\[backend=engine\] eval.overrides=\[backend=engine\]"):
+        em.run(cfg)
+    assert not (tmp_path / "config.yaml").exists()

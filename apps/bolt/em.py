@@ -45,22 +45,11 @@ from typing import Any
 from apps.bolt.em_args import BASELINES, EMArgs, StageConfig  # noqa: F401  (re-exported)
 from apps.bolt.em_exec import Branches, build_stages, final_consolidated
 from lingua.args import ConfigError, cli_config, dc_replace, dump_config, load_config
+from lingua.backends import require_installed
 from lingua.errors import entry_point
 from lingua.io import atomic_write_json, is_done, mark_done, write_jsonl
 
 logger = logging.getLogger("apps.bolt.em")
-
-def check_backends_installed(backends: dict[str, str]) -> None:
-    """Stages whose ``backend`` is vLLM need it installed (the jobs run in the driver's
-    environment, ``slurm.setup`` aside): fail before the first stage, not at the first E-step."""
-    import importlib.util
-
-    wanting = sorted(key for key, kind in backends.items() if kind == "vllm")
-    if wanting and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{', '.join(wanting)}: vllm, which is not installed here. Install it "
-                          "(pip install -e \".[vllm]\") or run those stages on the in-process engine "
-                          "(e.g. estep.overrides=[backend=engine] eval.overrides=[backend=engine])")
-
 
 class EMDriver:
     """Runs the stages in order; every stage is a method that skips itself when complete."""
@@ -167,7 +156,7 @@ class EMDriver:
             backends["eval.backend"] = self.eval_config("check", "unused", latent).tasks.backend
         if c.finetune_eval:
             self.finetune_config("check", "unused")
-        check_backends_installed(backends)
+        require_installed(backends, 'estep.overrides=[backend=engine] eval.overrides=[backend=engine]')
 
     @property
     def bootstrap_name(self) -> str:
