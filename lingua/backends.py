@@ -35,8 +35,10 @@ def require_installed(choices: dict[str, str], switch: str = "backend=engine") -
 
     wanting = sorted(key for key, kind in choices.items() if kind == "vllm")
     if wanting and importlib.util.find_spec("vllm") is None:
+        from lingua.vllm_backend import INSTALL_HINT
+
         raise ConfigError(f"{', '.join(wanting)}: vllm, which is not installed here. Install it "
-                          f"(pip install -e \".[vllm]\") or run them on the in-process engine ({switch})")
+                          f"({INSTALL_HINT}) or run them on the in-process engine ({switch})")
 
 
 def resolve_device(device: str) -> str:

@@ -347,7 +347,7 @@ def export_hf(
     with RunLock.beside(out, "HF export").acquire(wait_s=EXPORT_WAIT_S, poll_s=EXPORT_POLL_S):
         if not overwrite and _exported(out, wanted):  # done by the process we waited for
             return out
-        _write_export(ckpt, out, dtype, chat_template, wanted)
+        _write_export(ckpt, out, dtype, chat_template, source, template_hash)
     return out
 
 
@@ -359,10 +359,10 @@ def _exported(out: Path, wanted: tuple) -> bool:
     return (done.get("source_fingerprint"), done.get("dtype"), done.get("chat_template_sha256")) == wanted
 
 
-def _write_export(ckpt: Path, out: Path, dtype: str, chat_template: Optional[str], wanted: tuple) -> None:
+def _write_export(ckpt: Path, out: Path, dtype: str, chat_template: Optional[str], source: str,
+                  template_hash: Optional[str]) -> None:
     from safetensors.torch import save_file
 
-    source, _, template_hash = wanted
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE_MARKER).unlink(missing_ok=True)
     model, tokenizer = load_consolidated(ckpt)
